@@ -1,0 +1,4 @@
+//! mycel
+mod codec;
+mod store;
+fn main() {}

@@ -1,0 +1,166 @@
+//! Store IO behind a trait: every byte the store reads or writes, the pack files and the
+//! redb index file alike, goes through [`Vfs`] and [`VfsFile`].
+//!
+//! [`OsVfs`] is the real filesystem. [`crate::store::crash::CrashVfs`] keeps files in memory,
+//! tracks what has been synced, and on a simulated crash drops every unsynced write, so tests
+//! prove durability claims that `kill -9` (which keeps the page cache) cannot.
+
+use std::fmt::Debug;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// A filesystem as the store sees it.
+pub trait Vfs: Debug + Send + Sync + 'static {
+    /// Opens a file for reading and writing, creating it if `create` (the new directory
+    /// entry is durable only after [`Vfs::sync_dir`] of its parent).
+    ///
+    /// # Errors
+    /// The IO error.
+    fn open(&self, path: &Path, create: bool) -> io::Result<Box<dyn VfsFile>>;
+    /// Makes the directory's entries durable.
+    ///
+    /// # Errors
+    /// The IO error.
+    fn sync_dir(&self, path: &Path) -> io::Result<()>;
+    /// Creates a directory and its parents.
+    ///
+    /// # Errors
+    /// The IO error.
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Removes a file.
+    ///
+    /// # Errors
+    /// The IO error.
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// The files in a directory (full paths, sorted).
+    ///
+    /// # Errors
+    /// The IO error.
+    fn list(&self, dir: &Path) -> io::Result<Vec<PathBuf>>;
+    /// Whether a path exists.
+    fn exists(&self, path: &Path) -> bool;
+}
+
+/// An open file.
+pub trait VfsFile: Debug + Send + Sync + 'static {
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    ///
+    /// # Errors
+    /// The IO error, `UnexpectedEof` past the end.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`.
+    ///
+    /// # Errors
+    /// The IO error.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Current length.
+    ///
+    /// # Errors
+    /// The IO error.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends (with zeros).
+    ///
+    /// # Errors
+    /// The IO error.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes written data durable.
+    ///
+    /// # Errors
+    /// The IO error; the caller must treat it as fatal for what it was syncing.
+    fn sync_data(&self) -> io::Result<()>;
+}
+
+/// The real filesystem.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OsVfs;
+
+#[derive(Debug)]
+struct OsFile(File);
+
+impl Vfs for OsVfs {
+    fn open(&self, path: &Path, create: bool) -> io::Result<Box<dyn VfsFile>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)?;
+        Ok(Box::new(OsFile(file)))
+    }
+
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        File::open(path)?.sync_all()
+    }
+
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(path)
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            out.push(entry?.path());
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+}
+
+impl VfsFile for OsFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+/// redb's storage on top of a [`VfsFile`], so the index obeys the same crash model.
+#[derive(Debug)]
+pub struct RedbBackend(pub Box<dyn VfsFile>);
+
+impl redb::StorageBackend for RedbBackend {
+    fn len(&self) -> Result<u64, io::Error> {
+        self.0.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
+        self.0.read_at(out, offset)
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), io::Error> {
+        self.0.set_len(len)
+    }
+
+    fn sync_data(&self) -> Result<(), io::Error> {
+        self.0.sync_data()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
+        self.0.write_at(data, offset)
+    }
+}

@@ -358,10 +358,7 @@ mod tests {
     #[test]
     fn keys_sort_length_first() {
         // DAG-CBOR orders "b" before "aa".
-        let v = Value::map(vec![
-            ("aa".into(), Value::Uint(1)),
-            ("b".into(), Value::Uint(2)),
-        ]);
+        let v = Value::map(vec![("aa".into(), Value::Uint(1)), ("b".into(), Value::Uint(2))]);
         assert_eq!(v.encode(), vec![0xa2, 0x61, b'b', 0x02, 0x62, b'a', b'a', 0x01]);
     }
 }

@@ -108,11 +108,7 @@ mod tests {
             at += len;
             ends.push(at);
         }
-        assert_eq!(
-            ends,
-            GOLDEN_ENDS.to_vec(),
-            "cut points moved: {ends:?}"
-        );
+        assert_eq!(ends, GOLDEN_ENDS.to_vec(), "cut points moved: {ends:?}");
     }
 
     // Filled from a run of this exact code; see golden_cut_points.

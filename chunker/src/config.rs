@@ -39,7 +39,9 @@ pub struct Config {
 #[non_exhaustive]
 pub enum ConfigError {
     /// A size outside FastCDC's bounds or out of order.
-    #[error("invalid chunk sizes {min}/{avg}/{max}: need 64 <= min < avg < max <= 1 MiB, all even, avg >= 256")]
+    #[error(
+        "invalid chunk sizes {min}/{avg}/{max}: need 64 <= min < avg < max <= 1 MiB, all even, avg >= 256"
+    )]
     Sizes {
         /// Minimum.
         min: u32,

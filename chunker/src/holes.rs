@@ -109,9 +109,8 @@ impl Segmenter {
 /// Whether a block is all zero; returns at the first non-zero word.
 pub fn is_zero(block: &[u8]) -> bool {
     let mut words = block.chunks_exact(16);
-    let words_zero = words
-        .by_ref()
-        .all(|w| u128::from_ne_bytes(w.try_into().expect("16-byte chunk")) == 0);
+    let words_zero =
+        words.by_ref().all(|w| u128::from_ne_bytes(w.try_into().expect("16-byte chunk")) == 0);
     words_zero && words.remainder().iter().all(|&b| b == 0)
 }
 

@@ -337,9 +337,9 @@ impl NodeEntry {
     /// The length this entry contributes to its node.
     pub fn len(&self) -> u64 {
         match self {
-            NodeEntry::Chunk { len, .. } | NodeEntry::Hole { len } | NodeEntry::Child { len, .. } => {
-                *len
-            }
+            NodeEntry::Chunk { len, .. }
+            | NodeEntry::Hole { len }
+            | NodeEntry::Child { len, .. } => *len,
             NodeEntry::Dir(d) => d.len,
         }
     }
@@ -435,7 +435,12 @@ impl Node {
     }
 }
 
-fn decode_entry(cid: Cid, item: &Value, level: u64, kind: Kind) -> Result<NodeEntry, ManifestError> {
+fn decode_entry(
+    cid: Cid,
+    item: &Value,
+    level: u64,
+    kind: Kind,
+) -> Result<NodeEntry, ManifestError> {
     match item {
         Value::List(pair) if pair.len() == 2 => {
             let Value::Uint(len) = pair[0] else {
@@ -482,7 +487,10 @@ fn decode_entry(cid: Cid, item: &Value, level: u64, kind: Kind) -> Result<NodeEn
             let len = uint(cid, item, "len")?;
             let consistent = match entry_type {
                 EntryType::Symlink => {
-                    link.is_none() && len == 0 && !target.is_empty() && target.len() <= TARGET_BYTES_MAX
+                    link.is_none()
+                        && len == 0
+                        && !target.is_empty()
+                        && target.len() <= TARGET_BYTES_MAX
                 }
                 EntryType::File => target.is_empty() && (link.is_some() || len == 0),
                 EntryType::Dir => {
@@ -492,7 +500,14 @@ fn decode_entry(cid: Cid, item: &Value, level: u64, kind: Kind) -> Result<NodeEn
             if !consistent {
                 return Err(invalid(cid, "entry fields contradict its type"));
             }
-            Ok(NodeEntry::Dir(DirEntry { name, mode: mode as u32, entry_type, len, cid: link, target }))
+            Ok(NodeEntry::Dir(DirEntry {
+                name,
+                mode: mode as u32,
+                entry_type,
+                len,
+                cid: link,
+                target,
+            }))
         }
         _ => Err(invalid(cid, "entry has an unknown shape")),
     }
@@ -646,13 +661,16 @@ pub fn read_root(source: &dyn BlockSource, cid: &Cid) -> Result<Root, ManifestEr
     Root::decode(*cid, &bytes)
 }
 
+/// Called with each index node's CID and size as a walk loads it.
+pub type NodeVisitor<'a> = &'a mut dyn FnMut(&Cid, usize);
+
 /// Iterates the level-0 entries of a tree in order, loading one path of nodes at a time.
 pub struct Leaves<'a> {
     source: &'a dyn BlockSource,
     kind: Kind,
     stack: Vec<(Vec<NodeEntry>, usize)>,
     pending_raw: Option<(u64, Cid)>,
-    visit: Option<&'a mut dyn FnMut(&Cid, usize)>,
+    visit: Option<NodeVisitor<'a>>,
 }
 
 impl std::fmt::Debug for Leaves<'_> {
@@ -674,7 +692,7 @@ impl<'a> Leaves<'a> {
     }
 
     /// Calls `visit(cid, bytes)` for every index node loaded (for GC marking and verify).
-    pub fn with_visitor(mut self, visit: &'a mut dyn FnMut(&Cid, usize)) -> Leaves<'a> {
+    pub fn with_visitor(mut self, visit: NodeVisitor<'a>) -> Leaves<'a> {
         self.visit = Some(visit);
         self
     }
@@ -772,7 +790,8 @@ mod tests {
             let entries: Vec<_> = (0..n).map(chunk).collect();
             let (tree, len) = build(&entries, &config, &mem);
             assert_eq!(len, entries.iter().map(NodeEntry::len).sum::<u64>());
-            let back: Vec<_> = Leaves::new(&mem, Kind::File, tree, len).map(Result::unwrap).collect();
+            let back: Vec<_> =
+                Leaves::new(&mem, Kind::File, tree, len).map(Result::unwrap).collect();
             assert_eq!(back, entries, "n={n}");
             if n == 1 {
                 assert_eq!(tree.unwrap().codec(), Codec::Raw, "one chunk is its own tree");

@@ -36,9 +36,11 @@ pub enum CodecError {
     Trailing(usize),
 }
 
-fn config<const LIMIT: usize>()
--> bincode::config::Configuration<bincode::config::LittleEndian, bincode::config::Varint, bincode::config::Limit<LIMIT>>
-{
+fn config<const LIMIT: usize>() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<LIMIT>,
+> {
     bincode::config::standard().with_limit::<LIMIT>()
 }
 

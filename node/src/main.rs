@@ -1,4 +1,5 @@
-//! mycel
-mod codec;
-mod store;
-fn main() {}
+//! The `mycel` binary.
+
+fn main() -> std::process::ExitCode {
+    mycel_node::cli::main()
+}

@@ -19,7 +19,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use bincode::{Decode, Encode};
 use mycel_chunker::manifest::{self, BlockSource, EntryType, Kind, ManifestError, NodeEntry};
@@ -151,7 +151,9 @@ pub struct Store {
     dir: PathBuf,
     db: Database,
     packs: Mutex<Packs>,
-    write_lock: Mutex<()>,
+    /// Whether a [`Writer`] exists (a flag, not a guard, so a writer can move to a thread).
+    writing: Mutex<bool>,
+    writer_done: Condvar,
     _lock_file: Option<File>,
 }
 
@@ -204,7 +206,8 @@ impl Store {
             dir: dir.to_path_buf(),
             db,
             packs: Mutex::new(Packs { files: BTreeMap::new() }),
-            write_lock: Mutex::new(()),
+            writing: Mutex::new(false),
+            writer_done: Condvar::new(),
             _lock_file: None,
         };
         store.init_tables()?;
@@ -303,6 +306,11 @@ impl Store {
         Ok(file)
     }
 
+    fn release_writer(&self) {
+        *self.writing.lock().expect("writer flag poisoned") = false;
+        self.writer_done.notify_one();
+    }
+
     fn lock_packs(&self) -> MutexGuard<'_, Packs> {
         self.packs.lock().expect("pack table lock poisoned")
     }
@@ -348,7 +356,10 @@ impl Store {
         let file = self.pack_file(loc.pack)?;
         file.read_at(buf, loc.offset).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
-                StoreError::Corrupt { cid: *cid, what: "pack is shorter than the index says".into() }
+                StoreError::Corrupt {
+                    cid: *cid,
+                    what: "pack is shorter than the index says".into(),
+                }
             } else {
                 StoreError::Io(e)
             }
@@ -364,8 +375,20 @@ impl Store {
     /// # Errors
     /// IO or index errors opening the current pack.
     pub fn writer(&self) -> Result<Writer<'_>, StoreError> {
-        let guard = self.write_lock.lock().expect("writer lock poisoned");
-        let committed = self.committed_packs()?;
+        {
+            let mut busy = self.writing.lock().expect("writer flag poisoned");
+            while *busy {
+                busy = self.writer_done.wait(busy).expect("writer flag poisoned");
+            }
+            *busy = true;
+        }
+        let committed = match self.committed_packs() {
+            Ok(c) => c,
+            Err(e) => {
+                self.release_writer();
+                return Err(e);
+            }
+        };
         let (pack, end, created) = match committed.iter().next_back() {
             Some((&n, &len)) if len < PACK_BYTES_MAX => (n, len, false),
             Some((&n, _)) => (n + 1, 0, true),
@@ -373,7 +396,6 @@ impl Store {
         };
         let mut w = Writer {
             store: self,
-            _guard: guard,
             pack,
             end,
             file: None,
@@ -649,7 +671,6 @@ impl BlockSource for Store {
 #[derive(Debug)]
 pub struct Writer<'a> {
     store: &'a Store,
-    _guard: MutexGuard<'a, ()>,
     pack: u32,
     end: u64,
     file: Option<Arc<dyn VfsFile>>,
@@ -664,6 +685,12 @@ pub struct Writer<'a> {
     dead: Vec<[u8; 32]>,
     /// Packs GC drops from the index at commit.
     dropped_packs: Vec<u32>,
+}
+
+impl Drop for Writer<'_> {
+    fn drop(&mut self) {
+        self.store.release_writer();
+    }
 }
 
 impl Writer<'_> {

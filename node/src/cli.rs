@@ -1,0 +1,639 @@
+//! The `mycel` command line: parsing, dispatch, human and `--json` output, exit codes.
+//!
+//! Exit codes (also in `docs/cli.md`):
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success |
+//! | 1 | other failure |
+//! | 2 | usage error (bad arguments) |
+//! | 3 | not found: unknown CID or content missing from the store |
+//! | 4 | invalid input: unreadable path, malformed CID, invalid topology file |
+//! | 5 | verification failed: corrupt or missing chunks found |
+//! | 6 | data directory or store unusable (not initialised, damaged, wrong version) |
+//! | 7 | disk full |
+//! | 8 | store in use by another process |
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use mycel_chunker::{Cid, Config, topology};
+use serde_json::json;
+
+use crate::datadir::{self, DataDir, DataDirError};
+use crate::ingest::{self, AddError, KindArg};
+use crate::objects;
+use crate::restore::{self, GetError, GetOptions};
+use crate::store::{Store, StoreError};
+
+/// A command's failure: an exit code and a one-line message.
+#[derive(Debug)]
+pub struct Failure {
+    code: u8,
+    message: String,
+    /// The command already printed its JSON report; print no second object.
+    reported: bool,
+}
+
+impl Failure {
+    fn new(code: u8, message: impl Into<String>) -> Failure {
+        Failure { code, message: message.into(), reported: false }
+    }
+}
+
+/// Exit code: other failure.
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code: not found.
+pub const EXIT_NOT_FOUND: u8 = 3;
+/// Exit code: invalid input.
+pub const EXIT_INVALID: u8 = 4;
+/// Exit code: verification failed.
+pub const EXIT_VERIFY: u8 = 5;
+/// Exit code: data directory or store unusable.
+pub const EXIT_STORE: u8 = 6;
+/// Exit code: disk full.
+pub const EXIT_DISK_FULL: u8 = 7;
+/// Exit code: store locked.
+pub const EXIT_LOCKED: u8 = 8;
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Failure {
+        let code = match &e {
+            _ if e.is_disk_full() => EXIT_DISK_FULL,
+            StoreError::Locked(_) => EXIT_LOCKED,
+            StoreError::Corrupt { .. } => EXIT_VERIFY,
+            StoreError::Metadata(_) | StoreError::Index(_) => EXIT_STORE,
+            _ => EXIT_FAILURE,
+        };
+        Failure::new(code, e.to_string())
+    }
+}
+
+impl From<DataDirError> for Failure {
+    fn from(e: DataDirError) -> Failure {
+        Failure::new(EXIT_STORE, e.to_string())
+    }
+}
+
+impl From<AddError> for Failure {
+    fn from(e: AddError) -> Failure {
+        match e {
+            AddError::Store(s) => s.into(),
+            AddError::Input { ref source, .. }
+                if source.kind() == std::io::ErrorKind::StorageFull =>
+            {
+                Failure::new(EXIT_DISK_FULL, e.to_string())
+            }
+            other => Failure::new(EXIT_INVALID, other.to_string()),
+        }
+    }
+}
+
+impl From<GetError> for Failure {
+    fn from(e: GetError) -> Failure {
+        let code = match &e {
+            GetError::Missing(_) => EXIT_NOT_FOUND,
+            GetError::Corrupt(_) => EXIT_VERIFY,
+            GetError::Invalid(_) => EXIT_INVALID,
+            GetError::Output { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+                EXIT_DISK_FULL
+            }
+            GetError::Output { .. } => EXIT_FAILURE,
+            GetError::Store(s) => {
+                return Failure::from(StoreError::Index(s.to_string())).with_store(s);
+            }
+        };
+        Failure::new(code, e.to_string())
+    }
+}
+
+impl Failure {
+    fn with_store(self, e: &StoreError) -> Failure {
+        let code = match e {
+            _ if e.is_disk_full() => EXIT_DISK_FULL,
+            StoreError::Locked(_) => EXIT_LOCKED,
+            StoreError::Corrupt { .. } => EXIT_VERIFY,
+            StoreError::Io(_) => EXIT_FAILURE,
+            _ => EXIT_STORE,
+        };
+        Failure::new(code, e.to_string())
+    }
+}
+
+/// mycel: a peer-to-peer, content-addressed sync mesh.
+#[derive(Debug, Parser)]
+#[command(name = "mycel", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// The node's data directory [default: $XDG_DATA_HOME/mycel or ~/.local/share/mycel].
+    #[arg(long, global = true, env = "MYCEL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Machine-readable output on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress bars.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a node: data directory, identity key (0600) and a commented config.
+    Init,
+    /// Add a file, directory, disk image, topology file, or stdin (`-`); prints the root CID.
+    Add {
+        /// What to add.
+        path: PathBuf,
+        /// What to treat it as.
+        #[arg(long, value_enum, default_value = "auto")]
+        kind: KindArg,
+    },
+    /// Write an object to OUT (`-` for stdout): atomically, sparse for disk images.
+    Get {
+        /// The root CID.
+        cid: String,
+        /// Where to write it.
+        out: PathBuf,
+        /// Update an existing file or image, writing only what differs.
+        #[arg(long)]
+        in_place: bool,
+        /// Topology files: render in this format (json, yaml, toml).
+        #[arg(long)]
+        format: Option<String>,
+        /// Topology files: the source bytes as they were added, comments included.
+        #[arg(long)]
+        source: bool,
+    },
+    /// List the objects in the store.
+    Ls,
+    /// Show an object's kind, chunker identity and tree shape.
+    Inspect {
+        /// The CID.
+        cid: String,
+    },
+    /// Raw blocks.
+    Block {
+        #[command(subcommand)]
+        command: BlockCommand,
+    },
+    /// Compare two objects: changed byte ranges, or changed paths for directories and
+    /// topology files.
+    Diff {
+        /// The first object.
+        a: String,
+        /// The second object.
+        b: String,
+    },
+    /// Check every block (or one object's blocks) against its CID.
+    Verify {
+        /// Only this object.
+        cid: Option<String>,
+    },
+    /// Remove blocks no object reaches and compact mostly-empty packs.
+    Gc,
+    /// Configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Remove an object from the list of roots (its blocks go at the next gc).
+    Rm {
+        /// The root CID.
+        cid: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Check a config file (default: this node's) and print it with defaults filled in.
+    Check {
+        /// The file.
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BlockCommand {
+    /// Write the raw bytes of one block to stdout.
+    Get {
+        /// The block's CID.
+        cid: String,
+    },
+}
+
+/// Runs the CLI and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if json && !f.reported {
+                let body = json!({"error": f.message, "exit_code": f.code});
+                println!("{body}");
+            }
+            eprintln!("mycel: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn parse_cid(s: &str) -> Result<Cid, Failure> {
+    s.parse::<Cid>().map_err(|e| Failure::new(EXIT_INVALID, format!("{s:?}: {e}")))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Ctx {
+    dir: DataDir,
+    json: bool,
+    quiet: bool,
+}
+
+impl Ctx {
+    fn store(&self) -> Result<Store, Failure> {
+        self.dir.check()?;
+        Ok(Store::open(&self.dir.store_path())?)
+    }
+
+    fn print(&self, value: serde_json::Value, human: impl FnOnce() -> String) {
+        let mut out = std::io::stdout().lock();
+        let text = if self.json { value.to_string() } else { human() };
+        if !text.is_empty() {
+            let _ = writeln!(out, "{text}");
+        }
+    }
+
+    /// A byte progress bar on stderr, drawn only on a terminal, fed from `counter`.
+    fn progress<T>(
+        &self,
+        total: Option<u64>,
+        label: &str,
+        counter: &AtomicU64,
+        work: impl FnOnce() -> T + Send,
+    ) -> T
+    where
+        T: Send,
+    {
+        if self.quiet || !std::io::stderr().is_terminal() {
+            return work();
+        }
+        let bar = match total {
+            Some(t) => ProgressBar::new(t),
+            None => ProgressBar::no_length(),
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(label.to_string());
+        let done = AtomicBool::new(false);
+        let out = std::thread::scope(|s| {
+            let ticker = s.spawn(|| {
+                while !done.load(Ordering::Relaxed) {
+                    bar.set_position(counter.load(Ordering::Relaxed));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+            let out = work();
+            done.store(true, Ordering::Relaxed);
+            let _ = ticker.join();
+            out
+        });
+        bar.finish_and_clear();
+        out
+    }
+}
+
+fn iec(n: u64) -> String {
+    indicatif::BinaryBytes(n).to_string()
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let ctx = Ctx {
+        dir: DataDir::new(cli.data_dir.unwrap_or_else(datadir::default_path)),
+        json: cli.json,
+        quiet: cli.quiet,
+    };
+    match cli.command {
+        Command::Init => init(&ctx),
+        Command::Add { path, kind } => add(&ctx, path, kind),
+        Command::Get { cid, out, in_place, format, source } => {
+            get(&ctx, &cid, out, in_place, format, source)
+        }
+        Command::Ls => ls(&ctx),
+        Command::Inspect { cid } => inspect(&ctx, &cid),
+        Command::Block { command: BlockCommand::Get { cid } } => block_get(&ctx, &cid),
+        Command::Diff { a, b } => diff(&ctx, &a, &b),
+        Command::Verify { cid } => verify(&ctx, cid.as_deref()),
+        Command::Gc => gc(&ctx),
+        Command::Rm { cid } => rm(&ctx, &cid),
+        Command::Config { command: ConfigCommand::Check { file } } => config_check(&ctx, file),
+    }
+}
+
+fn init(ctx: &Ctx) -> Result<(), Failure> {
+    let mut seed = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+    let key = ctx.dir.init(seed)?;
+    let public = hex(key.verifying_key().as_bytes());
+    let path = ctx.dir.path.display().to_string();
+    ctx.print(json!({"data_dir": path, "public_key": public}), || {
+        format!("initialised mycel node in {path}\npublic key {public}")
+    });
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn chunker_config(ctx: &Ctx) -> Result<Config, Failure> {
+    Ok(ctx.dir.config()?.chunker.config())
+}
+
+fn add(ctx: &Ctx, path: PathBuf, kind: KindArg) -> Result<(), Failure> {
+    let config = chunker_config(ctx)?;
+    let store = ctx.store()?;
+    let total = std::fs::metadata(&path).ok().filter(|m| m.is_file()).map(|m| m.len());
+    let progress = ingest::Progress::default();
+    let report = ctx.progress(total, "adding", &progress.bytes, || {
+        ingest::add(&store, &path, kind, &config, now_ms(), &progress)
+    })?;
+    let value = serde_json::to_value(&report).expect("report serialises");
+    ctx.print(value, || {
+        let mut s = format!(
+            "{}\n  {} {}, {} chunks, {} new",
+            report.root,
+            report.kind,
+            iec(report.bytes),
+            report.chunks,
+            iec(report.stored_bytes)
+        );
+        if report.hole_bytes > 0 {
+            s.push_str(&format!(", {} in holes", iec(report.hole_bytes)));
+        }
+        if report.files > 0 {
+            s.push_str(&format!(", {} files", report.files));
+        }
+        if let (Some(f), Some(src)) = (&report.source_format, &report.source_root) {
+            s.push_str(&format!("\n  read as {f}; source bytes kept as {src}"));
+        }
+        s
+    });
+    Ok(())
+}
+
+fn get(
+    ctx: &Ctx,
+    cid: &str,
+    out: PathBuf,
+    in_place: bool,
+    format: Option<String>,
+    source: bool,
+) -> Result<(), Failure> {
+    let cid = parse_cid(cid)?;
+    let format = format
+        .map(|f| {
+            f.parse::<topology::Format>().map_err(|_| {
+                Failure::new(EXIT_INVALID, format!("unknown format {f:?} (json, yaml, toml)"))
+            })
+        })
+        .transpose()?;
+    let store = ctx.store()?;
+    let root = restore::root(&store, &cid)?;
+    let opts = GetOptions { in_place, format, source };
+    let progress = restore::Progress::default();
+    let to_stdout = out == std::path::Path::new("-");
+    let report = ctx.progress(Some(root.len), "getting", &progress.bytes, || {
+        restore::get(&store, &cid, &out, &opts, &progress)
+    })?;
+    if to_stdout && !ctx.json {
+        return Ok(());
+    }
+    let value = serde_json::to_value(&report).expect("report serialises");
+    ctx.print(value, || {
+        let mut s =
+            format!("{} -> {}: {} written", report.root, out.display(), iec(report.bytes_written));
+        if report.hole_bytes > 0 {
+            s.push_str(&format!(", {} of holes", iec(report.hole_bytes)));
+        }
+        if report.bytes_punched > 0 {
+            s.push_str(&format!(", {} punched", iec(report.bytes_punched)));
+        }
+        s
+    });
+    Ok(())
+}
+
+fn ls(ctx: &Ctx) -> Result<(), Failure> {
+    let store = ctx.store()?;
+    let mut roots = store.roots()?;
+    roots.sort_by_key(|(_, r)| r.added_ms);
+    let items: Vec<_> = roots
+        .iter()
+        .map(|(cid, r)| {
+            json!({"root": cid.to_string(), "kind": r.kind, "bytes": r.len, "chunks": r.chunks,
+                   "hole_bytes": r.hole_bytes, "name": r.name, "added_ms": r.added_ms})
+        })
+        .collect();
+    ctx.print(json!(items), || {
+        roots
+            .iter()
+            .map(|(cid, r)| format!("{cid}  {:<8} {:>12}  {}", r.kind, iec(r.len), r.name))
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    Ok(())
+}
+
+fn inspect(ctx: &Ctx, cid: &str) -> Result<(), Failure> {
+    let cid = parse_cid(cid)?;
+    let store = ctx.store()?;
+    let i = objects::inspect(&store, &cid)?;
+    let value = serde_json::to_value(&i).expect("serialises");
+    ctx.print(value.clone(), || {
+        let mut s = format!(
+            "{}\n  kind      {}\n  bytes     {} ({})\n",
+            i.cid,
+            i.kind,
+            i.bytes,
+            iec(i.bytes)
+        );
+        if let Some(c) = &i.chunker {
+            s.push_str(&format!(
+                "  chunker   {} v{} {}/{}/{} norm {} zero-run {} fanout 2^{}\n",
+                c["algorithm"].as_str().unwrap_or_default(),
+                c["fastcdc_major"],
+                c["min_bytes"],
+                c["avg_bytes"],
+                c["max_bytes"],
+                c["normalization"],
+                c["zero_run_bytes"],
+                c["fanout_bits"]
+            ));
+        }
+        s.push_str(&format!(
+            "  tree      {} levels, {} nodes ({})\n  chunks    {} ({} distinct)",
+            i.levels,
+            i.nodes,
+            iec(i.node_bytes),
+            i.chunks,
+            i.unique_chunks
+        ));
+        if i.holes > 0 {
+            s.push_str(&format!("\n  holes     {} ({})", i.holes, iec(i.hole_bytes)));
+        }
+        if i.entries > 0 {
+            s.push_str(&format!("\n  entries   {}", i.entries));
+        }
+        if let Some(src) = &i.source {
+            s.push_str(&format!("\n  source    {src}"));
+        }
+        s
+    });
+    Ok(())
+}
+
+fn block_get(ctx: &Ctx, cid: &str) -> Result<(), Failure> {
+    let cid = parse_cid(cid)?;
+    let store = ctx.store()?;
+    let bytes = store
+        .get(&cid)?
+        .ok_or_else(|| Failure::new(EXIT_NOT_FOUND, format!("block {cid} is not in the store")))?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(&bytes)
+        .and_then(|()| out.flush())
+        .map_err(|e| Failure::new(EXIT_FAILURE, format!("stdout: {e}")))
+}
+
+fn diff(ctx: &Ctx, a: &str, b: &str) -> Result<(), Failure> {
+    let (a, b) = (parse_cid(a)?, parse_cid(b)?);
+    let store = ctx.store()?;
+    let d = objects::diff(&store, &a, &b)?;
+    let value = serde_json::to_value(&d).expect("serialises");
+    ctx.print(value, || {
+        if d.identical {
+            return "identical".into();
+        }
+        let mut lines = Vec::new();
+        if d.mode == "bytes" {
+            lines.push(format!(
+                "{} changed in {} range(s) of B; {} range(s) of A gone",
+                iec(d.changed_bytes),
+                d.changed_in_b.len(),
+                d.removed_from_a.len()
+            ));
+            for r in &d.changed_in_b {
+                lines.push(format!("  B {}..{} ({})", r.start, r.end, iec(r.end - r.start)));
+            }
+            for r in &d.removed_from_a {
+                lines.push(format!("  A {}..{} ({}) gone", r.start, r.end, iec(r.end - r.start)));
+            }
+        }
+        for p in &d.paths {
+            let sign = match p.change.as_str() {
+                "added" => "+",
+                "removed" => "-",
+                _ => "~",
+            };
+            let show = |v: &Option<serde_json::Value>| {
+                v.as_ref().map(|v| v.to_string()).unwrap_or_default()
+            };
+            match p.change.as_str() {
+                "added" => lines.push(format!("{sign} {} = {}", p.path, show(&p.new))),
+                "removed" => lines.push(format!("{sign} {} (was {})", p.path, show(&p.old))),
+                _ => lines.push(format!("{sign} {}: {} -> {}", p.path, show(&p.old), show(&p.new))),
+            }
+        }
+        lines.join("\n")
+    });
+    Ok(())
+}
+
+fn verify(ctx: &Ctx, cid: Option<&str>) -> Result<(), Failure> {
+    let store = ctx.store()?;
+    let (checked, bad): (u64, Vec<String>) = match cid {
+        Some(c) => {
+            let cid = parse_cid(c)?;
+            let check = objects::verify_object(&store, &cid)?;
+            let mut bad: Vec<String> =
+                check.missing.iter().map(|m| format!("{m}: missing")).collect();
+            bad.extend(check.corrupt.iter().cloned());
+            (check.blocks, bad)
+        }
+        None => {
+            let total = store.stats()?.block_bytes;
+            let counter = AtomicU64::new(0);
+            let (checked, bad) = ctx.progress(Some(total), "verifying", &counter, || {
+                store.verify_all(&mut |n| {
+                    counter.fetch_add(n, Ordering::Relaxed);
+                })
+            })?;
+            (checked, bad.into_iter().map(|(c, why)| format!("{c}: {why}")).collect())
+        }
+    };
+    ctx.print(json!({"checked": checked, "bad": bad, "ok": bad.is_empty()}), || {
+        if bad.is_empty() {
+            format!("{checked} blocks ok")
+        } else {
+            bad.iter().map(|b| format!("BAD {b}")).collect::<Vec<_>>().join("\n")
+        }
+    });
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        let mut f = Failure::new(EXIT_VERIFY, format!("{} bad block(s) of {checked}", bad.len()));
+        f.reported = true;
+        Err(f)
+    }
+}
+
+fn gc(ctx: &Ctx) -> Result<(), Failure> {
+    let store = ctx.store()?;
+    let report = store.gc()?;
+    ctx.print(serde_json::to_value(&report).expect("serialises"), || {
+        format!(
+            "removed {} blocks ({}), rewrote {} pack(s), reclaimed {}; {} blocks live",
+            report.removed_blocks,
+            iec(report.removed_bytes),
+            report.packs_rewritten,
+            iec(report.reclaimed_bytes),
+            report.live_blocks
+        )
+    });
+    Ok(())
+}
+
+fn rm(ctx: &Ctx, cid: &str) -> Result<(), Failure> {
+    let cid = parse_cid(cid)?;
+    let store = ctx.store()?;
+    if !store.remove_root(&cid)? {
+        return Err(Failure::new(EXIT_NOT_FOUND, format!("{cid} is not a root in this store")));
+    }
+    ctx.print(json!({"removed": cid.to_string()}), || {
+        format!("removed {cid}; run `mycel gc` to free its blocks")
+    });
+    Ok(())
+}
+
+fn config_check(ctx: &Ctx, file: Option<PathBuf>) -> Result<(), Failure> {
+    let path = file.unwrap_or_else(|| ctx.dir.config_path());
+    let config = datadir::load_config(&path)?;
+    let text = toml::to_string(&config).map_err(|e| Failure::new(EXIT_FAILURE, e.to_string()))?;
+    ctx.print(serde_json::to_value(&config).expect("serialises"), || {
+        format!("{}: ok\n{text}", path.display())
+    });
+    Ok(())
+}

@@ -39,12 +39,17 @@ ROOT_KEYS = {"v", "kind", "len", "chunker", "tree"}
 NODE_KEYS = {"v", "len", "level", "entries"}
 
 
+def text(cid):
+    """A CID as mycel prints it: base32 (decoded links default to base58btc)."""
+    return cid.encode("base32") if isinstance(cid, CID) else str(cid)
+
+
 class CheckError(Exception):
     """A block or link that does not match what the format promises."""
 
     def __init__(self, cid, reason):
-        super().__init__(f"FAIL {cid}: {reason}")
-        self.cid = cid
+        super().__init__(f"FAIL {text(cid)}: {reason}")
+        self.cid = text(cid)
         self.reason = reason
 
 
@@ -122,10 +127,9 @@ class Walker:
         self.path = []
 
     def fetch(self, cid):
-        text = str(cid)
-        run = subprocess.run([self.bin, "block", "get", text], capture_output=True)
+        run = subprocess.run([self.bin, "block", "get", text(cid)], capture_output=True)
         if run.returncode != 0:
-            raise CheckError(text, f"`mycel block get` exited {run.returncode}: {run.stderr.decode(errors='replace').strip()}")
+            raise CheckError(cid, f"`mycel block get` exited {run.returncode}: {run.stderr.decode(errors='replace').strip()}")
         return run.stdout
 
     def load(self, cid):
@@ -137,14 +141,14 @@ class Walker:
         self.block_bytes[codec] += len(data)
         return value, len(data)
 
-    def root(self, text):
+    def root(self, arg):
         try:
-            cid = CID.decode(text)
+            cid = CID.decode(arg)
         except Exception as e:
-            raise CheckError(text, f"not a CID: {e}")
-        expect(str(cid) == text, text, f"CID text does not round-trip: {cid}")
-        expect(cid.codec.name == DAG_CBOR, text, "a root must be a dag-cbor block")
-        self.path = [text]
+            raise CheckError(arg, f"not a CID: {e}")
+        expect(str(cid) == arg, arg, f"CID text does not round-trip: {cid}")
+        expect(cid.codec.name == DAG_CBOR, arg, "a root must be a dag-cbor block")
+        self.path = [arg]
         value, _ = self.load(cid)
         expect(isinstance(value, dict) and set(value) == ROOT_KEYS, cid, f"root keys {sorted(value) if isinstance(value, dict) else type(value).__name__}")
         expect(value["v"] == FORMAT_VERSION, cid, f"root version {value['v']}")
@@ -163,7 +167,7 @@ class Walker:
             length, level = self.subtree(tree, kind, None)
             expect(length == value["len"], cid, f"root len {value['len']} but tree holds {length}")
             level = None if level == -1 else level
-        return {"root": text, "kind": kind, "len": value["len"], "tree_level": level}
+        return {"root": arg, "kind": kind, "len": value["len"], "tree_level": level}
 
     def subtree(self, cid, kind, level_expected):
         """Checks the block at `cid` and everything under it; returns (length, level).
@@ -176,17 +180,16 @@ class Walker:
             if level_expected is not None:
                 expect(level == level_expected, cid, f"reached again at level {level_expected}, is level {level}")
             return length, level
-        self.path.append(str(cid))
-        try:
-            value, size = self.load(cid)
-            if cid.codec.name == RAW:
-                expect(kind != "dir", cid, "a directory's entry tree cannot be a raw chunk")
-                expect(level_expected in (None, -1), cid, f"raw chunk where a level-{level_expected} node belongs")
-                result = (size, -1)
-            else:
-                result = self.node(cid, value, kind, level_expected)
-        finally:
-            self.path.pop()
+        # Left in place on failure, so the report shows how the bad block was reached.
+        self.path.append(text(cid))
+        value, size = self.load(cid)
+        if cid.codec.name == RAW:
+            expect(kind != "dir", cid, "a directory's entry tree cannot be a raw chunk")
+            expect(level_expected in (None, -1), cid, f"raw chunk where a level-{level_expected} node belongs")
+            result = (size, -1)
+        else:
+            result = self.node(cid, value, kind, level_expected)
+        self.path.pop()
         self.seen[key] = (cid.codec.name, *result)
         return result
 

@@ -65,9 +65,13 @@ fn small_chunk_node() -> Result<Node> {
     let wanted = [("min_bytes", 64), ("avg_bytes", 256), ("max_bytes", 1024), ("fanout_bits", 1)];
     let mut rewritten = String::new();
     let mut found = 0;
+    let mut section = "";
     for line in config.lines() {
+        if line.starts_with('[') {
+            section = line.trim();
+        }
         let key = line.split('=').next().unwrap_or("").trim();
-        match wanted.iter().find(|(k, _)| *k == key) {
+        match wanted.iter().find(|(k, _)| *k == key && section == "[chunker]") {
             Some((k, v)) => {
                 rewritten.push_str(&format!("{k} = {v}\n"));
                 found += 1;
@@ -78,7 +82,7 @@ fn small_chunk_node() -> Result<Node> {
             }
         }
     }
-    ensure!(found == wanted.len(), "config.toml lacks some of {wanted:?}:\n{config}");
+    ensure!(found == wanted.len(), "[chunker] in config.toml lacks some of {wanted:?}:\n{config}");
     std::fs::write(&path, rewritten)?;
     Ok(node)
 }
@@ -220,7 +224,7 @@ fn ipld_walk_rejects_tampered_blocks() -> Result<()> {
             .with_context(|| format!("{prefix}: the wrapper flipped nothing: {}", run.stderr))?;
         ensure!(run.code == 1, "{prefix}: walk over a flipped bit exited {}", run.code);
         ensure!(
-            run.stderr.contains(&format!("FAIL {tampered}: ")),
+            run.stderr.contains(&format!("FAIL {tampered}: CID mismatch")),
             "{prefix}: failure does not name the tampered block {tampered}: {}",
             run.stderr
         );

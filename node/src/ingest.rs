@@ -385,6 +385,12 @@ enum Msg {
     Hole(u64),
 }
 
+/// What the hashing stage hands the writer.
+enum Hashed {
+    Chunks { buf: Buf, chunks: Vec<(Range<usize>, Cid)> },
+    Hole(u64),
+}
+
 /// The reader side: fills buffers and cuts them.
 struct Cutting {
     cutter: Cutter,
@@ -489,8 +495,10 @@ fn chunk_stream<R: Read + Send + AsFd>(
         tx,
         pool: pool_rx,
     };
+    let (htx, hrx) = sync_channel::<Hashed>(POOL_BUFFERS);
     std::thread::scope(|scope| {
-        let writer = scope.spawn(move || write_stage(rx, pool_tx, kind, config, w));
+        scope.spawn(move || hash_stage(rx, htx));
+        let writer = scope.spawn(move || write_stage(hrx, pool_tx, kind, config, w));
         let read_result = if kind == Kind::Disk {
             read_image(&mut input, size, config, &mut cutting, progress)
         } else {
@@ -657,9 +665,32 @@ fn apply(pieces: &[Piece], data: &[u8], cutting: &mut Cutting) -> Result<(), Add
     Ok(())
 }
 
-/// The writer side: hashes, stores, and builds the tree.
+/// The middle stage: BLAKE3 of every chunk.
+fn hash_stage(rx: Receiver<Msg>, tx: SyncSender<Hashed>) {
+    for msg in rx {
+        let out = match msg {
+            Msg::Chunks { buf, ranges } => {
+                let chunks = ranges
+                    .into_iter()
+                    .map(|r| {
+                        let cid = Cid::raw(&buf.region()[r.clone()]);
+                        (r, cid)
+                    })
+                    .collect();
+                Hashed::Chunks { buf, chunks }
+            }
+            Msg::Hole(len) => Hashed::Hole(len),
+        };
+        if tx.send(out).is_err() {
+            // The writer stopped with an error; it reports it.
+            return;
+        }
+    }
+}
+
+/// The last stage: skips stored chunks, appends new ones, builds the tree.
 fn write_stage(
-    rx: Receiver<Msg>,
+    rx: Receiver<Hashed>,
     pool: SyncSender<Buf>,
     kind: Kind,
     config: &Config,
@@ -670,10 +701,9 @@ fn write_stage(
     let mut since_commit = 0u64;
     for msg in rx {
         match msg {
-            Msg::Chunks { buf, ranges } => {
-                for range in ranges {
+            Hashed::Chunks { buf, chunks } => {
+                for (range, cid) in chunks {
                     let chunk = &buf.region()[range];
-                    let cid = Cid::raw(chunk);
                     if w.put(cid, chunk)? {
                         since_commit += chunk.len() as u64;
                     }
@@ -688,7 +718,7 @@ fn write_stage(
                     since_commit = 0;
                 }
             }
-            Msg::Hole(len) => {
+            Hashed::Hole(len) => {
                 counts.hole_bytes += len;
                 tree.push(NodeEntry::Hole { len });
             }

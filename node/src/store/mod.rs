@@ -405,14 +405,15 @@ impl Store {
             roots: Vec::new(),
             removed_roots: Vec::new(),
             stored_bytes: 0,
-            buf: Vec::new(),
+            stage: Stage::new(),
+            chunks: None,
             dead: Vec::new(),
             dropped_packs: Vec::new(),
         };
         if created {
             w.start_pack(pack)?;
         } else {
-            w.file = Some(self.pack_file(pack)?);
+            w.continue_pack(pack, end)?;
         }
         Ok(w)
     }
@@ -680,7 +681,10 @@ pub struct Writer<'a> {
     roots: Vec<(Cid, RootRecord)>,
     removed_roots: Vec<Cid>,
     stored_bytes: u64,
-    buf: Vec<u8>,
+    /// Pack bytes not yet written, starting at a 4 KiB-aligned file offset.
+    stage: Stage,
+    /// A read view of the index for dedup checks, refreshed after each commit.
+    chunks: Option<redb::ReadOnlyTable<&'static [u8; 32], &'static [u8]>>,
     /// Blocks GC removes from the index at commit.
     dead: Vec<[u8; 32]>,
     /// Packs GC drops from the index at commit.
@@ -695,16 +699,50 @@ impl Drop for Writer<'_> {
 
 impl Writer<'_> {
     fn start_pack(&mut self, n: u32) -> Result<(), StoreError> {
+        if self.file.is_some() {
+            // Finish the previous pack: its padded tail goes out with the rest.
+            self.flush_stage(true)?;
+        }
         let path = self.store.pack_path(n);
-        let file: Arc<dyn VfsFile> = Arc::from(self.store.vfs.open(&path, true)?);
+        let file: Arc<dyn VfsFile> = Arc::from(self.store.vfs.open_direct(&path, true)?);
         file.set_len(0)?;
-        file.write_at(&PACK_HEADER, 0)?;
-        self.store.lock_packs().files.insert(n, file.clone());
         self.pack = n;
+        self.stage.reset(0);
+        self.stage.push(&PACK_HEADER, &[]);
         self.end = PACK_HEADER.len() as u64;
         self.file = Some(file.clone());
         self.touched.insert(n, (file, self.end));
         self.created_pack = true;
+        Ok(())
+    }
+
+    /// Appends to an existing pack from its committed end: the partial last 4 KiB block is
+    /// read back into the stage so writes stay aligned.
+    fn continue_pack(&mut self, n: u32, end: u64) -> Result<(), StoreError> {
+        let file: Arc<dyn VfsFile> =
+            Arc::from(self.store.vfs.open_direct(&self.store.pack_path(n), false)?);
+        let aligned = end / STAGE_ALIGN as u64 * STAGE_ALIGN as u64;
+        self.stage.reset(aligned);
+        let partial = (end - aligned) as usize;
+        if partial > 0 {
+            let mut head = vec![0u8; partial];
+            self.store.pack_file(n)?.read_at(&mut head, aligned)?;
+            self.stage.push(&head, &[]);
+        }
+        self.pack = n;
+        self.end = end;
+        self.file = Some(file);
+        Ok(())
+    }
+
+    /// Writes the stage's whole blocks (and with `pad`, the partial last block padded with
+    /// zeros past the logical end, which recovery cuts off), keeping the partial block.
+    fn flush_stage(&mut self, pad: bool) -> Result<(), StoreError> {
+        let file = self.file.clone().expect("writer has a pack");
+        let written = self.stage.flush(&*file, pad)?;
+        if written {
+            self.touched.insert(self.pack, (file, self.end));
+        }
         Ok(())
     }
 
@@ -717,8 +755,16 @@ impl Writer<'_> {
     ///
     /// # Errors
     /// Index errors.
-    pub fn contains(&self, cid: &Cid) -> Result<bool, StoreError> {
-        Ok(self.pending.contains_key(cid.digest()) || self.store.has(cid)?)
+    pub fn contains(&mut self, cid: &Cid) -> Result<bool, StoreError> {
+        if self.pending.contains_key(cid.digest()) {
+            return Ok(true);
+        }
+        if self.chunks.is_none() {
+            let tx = self.store.db.begin_read().map_err(index_err)?;
+            self.chunks = Some(tx.open_table(CHUNKS).map_err(index_err)?);
+        }
+        let table = self.chunks.as_ref().expect("opened above");
+        Ok(table.get(cid.digest()).map_err(index_err)?.is_some())
     }
 
     /// Appends a block unless it is already stored; returns whether it was new. The caller
@@ -740,18 +786,21 @@ impl Writer<'_> {
         if self.end >= PACK_BYTES_MAX {
             self.start_pack(self.pack + 1)?;
         }
-        let file = self.file.clone().expect("writer has a pack");
-        self.buf.clear();
-        self.buf.extend_from_slice(&pack::record_header(&cid, len));
-        self.buf.extend_from_slice(bytes);
-        file.write_at(&self.buf, self.end)?;
+        let record = RECORD_HEADER_BYTES as usize + bytes.len();
+        if !self.stage.fits(record) {
+            self.flush_stage(false)?;
+        }
+        assert!(self.stage.fits(record), "stage too small for {record} bytes");
+        self.stage.push(&pack::record_header(&cid, len), bytes);
         let loc = Location {
             pack: self.pack,
             offset: self.end + RECORD_HEADER_BYTES,
             len,
             codec: cid.codec(),
         };
-        self.end += self.buf.len() as u64;
+        self.end += record as u64;
+        assert_eq!(self.end, self.stage.end(), "stage and pack end agree");
+        let file = self.file.clone().expect("writer has a pack");
         self.touched.insert(self.pack, (file, self.end));
         self.pending.insert(*cid.digest(), loc);
         self.stored_bytes += u64::from(len);
@@ -775,6 +824,7 @@ impl Writer<'_> {
     /// IO or index errors; then nothing of this group is acknowledged, and the uncommitted
     /// bytes are discarded on the next open.
     pub fn commit(&mut self) -> Result<(), StoreError> {
+        self.flush_stage(true)?;
         for (file, _) in self.touched.values() {
             file.sync_data()?;
         }
@@ -814,8 +864,75 @@ impl Writer<'_> {
         self.removed_roots.clear();
         self.dead.clear();
         self.dropped_packs.clear();
+        self.chunks = None;
         self.touched.retain(|&n, _| n == self.pack);
         Ok(())
+    }
+}
+
+/// Alignment of staged pack writes (and of O_DIRECT IO).
+const STAGE_ALIGN: usize = 4096;
+/// Bytes staged before a write; more than the largest record plus one partial block.
+const STAGE_BYTES: usize = 8 << 20;
+const _: () = assert!(STAGE_BYTES > mycel_chunker::NODE_BYTES_MAX + 2 * STAGE_ALIGN + 64);
+
+/// A page-aligned buffer of pack bytes that starts at an aligned file offset, so pack
+/// files can be written with O_DIRECT (no page-cache copy, no CPU spent on writeback).
+#[derive(Debug)]
+struct Stage {
+    raw: Vec<u8>,
+    base: usize,
+    len: usize,
+    file_offset: u64,
+}
+
+impl Stage {
+    fn new() -> Stage {
+        let raw = vec![0u8; STAGE_BYTES + STAGE_ALIGN];
+        let base = raw.as_ptr().align_offset(STAGE_ALIGN);
+        assert!(base < STAGE_ALIGN);
+        Stage { raw, base, len: 0, file_offset: 0 }
+    }
+
+    fn reset(&mut self, file_offset: u64) {
+        assert!(file_offset.is_multiple_of(STAGE_ALIGN as u64), "offset={file_offset}");
+        self.len = 0;
+        self.file_offset = file_offset;
+    }
+
+    fn end(&self) -> u64 {
+        self.file_offset + self.len as u64
+    }
+
+    fn fits(&self, n: usize) -> bool {
+        self.len + n <= STAGE_BYTES
+    }
+
+    fn push(&mut self, a: &[u8], b: &[u8]) {
+        let at = self.base + self.len;
+        self.raw[at..at + a.len()].copy_from_slice(a);
+        self.raw[at + a.len()..at + a.len() + b.len()].copy_from_slice(b);
+        self.len += a.len() + b.len();
+    }
+
+    /// Writes whole blocks (and with `pad` the last partial one, zero-padded); returns
+    /// whether anything was written. The partial block stays staged.
+    fn flush(&mut self, file: &dyn VfsFile, pad: bool) -> io::Result<bool> {
+        let whole = self.len / STAGE_ALIGN * STAGE_ALIGN;
+        let write_len = if pad { self.len.div_ceil(STAGE_ALIGN) * STAGE_ALIGN } else { whole };
+        if write_len == 0 {
+            return Ok(false);
+        }
+        if write_len > self.len {
+            self.raw[self.base + self.len..self.base + write_len].fill(0);
+        }
+        file.write_at(&self.raw[self.base..self.base + write_len], self.file_offset)?;
+        if whole > 0 {
+            self.raw.copy_within(self.base + whole..self.base + self.len, self.base);
+            self.file_offset += whole as u64;
+            self.len -= whole;
+        }
+        Ok(true)
     }
 }
 

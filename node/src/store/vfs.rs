@@ -19,6 +19,16 @@ pub trait Vfs: Debug + Send + Sync + 'static {
     /// # Errors
     /// The IO error.
     fn open(&self, path: &Path, create: bool) -> io::Result<Box<dyn VfsFile>>;
+    /// Like [`Vfs::open`], for a file written only in whole, 4 KiB-aligned blocks from
+    /// 4 KiB-aligned memory: the real filesystem bypasses the page cache (O_DIRECT) where
+    /// it can. Reads must still go through a handle from [`Vfs::open`].
+    ///
+    /// # Errors
+    /// The IO error.
+    fn open_direct(&self, path: &Path, create: bool) -> io::Result<Box<dyn VfsFile>> {
+        self.open(path, create)
+    }
+
     /// Makes the directory's entries durable.
     ///
     /// # Errors
@@ -90,6 +100,23 @@ impl Vfs for OsVfs {
             .mode(0o600)
             .open(path)?;
         Ok(Box::new(OsFile(file)))
+    }
+
+    fn open_direct(&self, path: &Path, create: bool) -> io::Result<Box<dyn VfsFile>> {
+        let direct = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_DIRECT)
+            .open(path);
+        match direct {
+            Ok(file) => Ok(Box::new(OsFile(file))),
+            // tmpfs and some others have no O_DIRECT: use the page cache there.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.open(path, create),
+            Err(e) => Err(e),
+        }
     }
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {

@@ -8,7 +8,7 @@
 
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)] // a driver: clock and threads
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -46,7 +46,7 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-fn cdc(path: &PathBuf) -> Result<()> {
+fn cdc(path: &Path) -> Result<()> {
     let data = std::fs::read(path)?;
     let config = mycel_chunker::Config::default();
     let cutter = Cutter::new(&config);
@@ -98,7 +98,7 @@ fn cdc(path: &PathBuf) -> Result<()> {
     Ok(())
 }
 
-fn fill(dir: &PathBuf, chunks: u64, batch: u64) -> Result<()> {
+fn fill(dir: &Path, chunks: u64, batch: u64) -> Result<()> {
     let store = Store::open(dir)?;
     let start = store.stats()?.blocks;
     let t = Instant::now();
@@ -120,7 +120,7 @@ fn fill(dir: &PathBuf, chunks: u64, batch: u64) -> Result<()> {
     Ok(())
 }
 
-fn open(dir: &PathBuf) -> Result<()> {
+fn open(dir: &Path) -> Result<()> {
     let t = Instant::now();
     let store = Store::open(dir)?;
     let open_s = t.elapsed().as_secs_f64();

@@ -93,6 +93,16 @@ impl Node {
         Ok(node)
     }
 
+    /// A fresh, initialised node at `dir` (kept after the test).
+    ///
+    /// # Errors
+    /// If `mycel init` fails.
+    pub fn at(dir: PathBuf) -> Result<Node> {
+        let node = Node { dir, _tmp: None };
+        node.ok(&["init"])?;
+        Ok(node)
+    }
+
     /// Runs `mycel ARGS` against this node.
     ///
     /// # Errors

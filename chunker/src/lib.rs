@@ -19,6 +19,7 @@
 pub mod cbor;
 pub mod cdc;
 mod cid;
+pub mod codec;
 mod config;
 pub mod holes;
 pub mod manifest;

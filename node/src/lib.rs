@@ -20,7 +20,6 @@
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
 pub mod cli;
-pub mod codec;
 pub mod datadir;
 pub mod ingest;
 pub mod objects;

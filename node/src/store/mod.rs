@@ -28,7 +28,7 @@ use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
 };
 
-use crate::codec;
+use mycel_chunker::codec;
 use pack::{Location, PACK_BYTES_MAX, PACK_HEADER, RECORD_HEADER_BYTES};
 use vfs::{OsVfs, RedbBackend, Vfs, VfsFile};
 

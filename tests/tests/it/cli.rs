@@ -388,3 +388,72 @@ fn inspect_and_block_get_show_the_tree() -> Result<()> {
     assert!(matches!(block.stdout[0], 0xa0..=0xbf), "a DAG-CBOR map");
     Ok(())
 }
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct SmallDisk {
+    path: std::path::PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn new(bytes: u64) -> Result<SmallDisk> {
+        let tmp = tempfile::tempdir()?;
+        let path = tmp.path().join("mnt");
+        fs::create_dir(&path)?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(&path)
+            .status()?;
+        anyhow::ensure!(status.success(), "mounting a tmpfs needs root (these tests run as root)");
+        Ok(SmallDisk { path, _tmp: tmp })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.path).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_cleanly_and_loses_nothing() -> Result<()> {
+    // On a 24 MiB filesystem: a 64 MiB add fails with exit 7 and one line; what was added
+    // before still restores and verifies; a small add afterwards succeeds.
+    let disk = SmallDisk::new(24 << 20)?;
+    let node = Node::at(disk.path.join("node"))?;
+    let tmp = tempfile::tempdir()?;
+    let small = tmp.path().join("small");
+    fs::write(&small, random_bytes(20, 2 << 20))?;
+    let first = node.add(&small, &[])?;
+    let big = tmp.path().join("big");
+    fs::write(&big, random_bytes(21, 64 << 20))?;
+    let r = node.run(&["add", big.to_str().unwrap()])?;
+    assert_eq!(r.code, 7, "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    node.ok(&["verify"])?;
+    let out = tmp.path().join("small.out");
+    node.ok(&["get", &root(&first), out.to_str().unwrap()])?;
+    assert_eq!(file_hash(&out)?, file_hash(&small)?);
+    let other = tmp.path().join("other");
+    fs::write(&other, random_bytes(22, 1 << 20))?;
+    node.add(&other, &[])?;
+    node.ok(&["verify"])?;
+    Ok(())
+}
+
+#[test]
+fn a_damaged_index_is_an_error_not_a_crash() -> Result<()> {
+    // Garbage over the index file makes commands fail with exit 6 and a message, never a
+    // panic (exit 101).
+    let node = Node::new()?;
+    let tmp = tempfile::tempdir()?;
+    let f = tmp.path().join("f");
+    fs::write(&f, random_bytes(23, 100_000))?;
+    node.add(&f, &[])?;
+    let index = node.dir.join("store/index.redb");
+    let len = fs::metadata(&index)?.len() as usize;
+    fs::write(&index, random_bytes(24, len))?;
+    let r = node.run(&["ls"])?;
+    assert_eq!(r.code, 6, "exit {} stderr {}", r.code, r.stderr);
+    Ok(())
+}

@@ -1,4 +1,4 @@
-//! The one codec for persisted records (and, later, wire frames): bincode 2 with a format
+//! The one codec for persisted records and wire frames: bincode 2 with a format
 //! version byte in front and a hard byte limit on every decode.
 //!
 //! A record is `[version: u8][bincode body]`. Decoding refuses an unknown version, a body
@@ -36,40 +36,61 @@ pub enum CodecError {
     Trailing(usize),
 }
 
-fn config<const LIMIT: usize>() -> bincode::config::Configuration<
+type Limited<const LIMIT: usize> = bincode::config::Configuration<
     bincode::config::LittleEndian,
     bincode::config::Varint,
     bincode::config::Limit<LIMIT>,
-> {
+>;
+
+fn config<const LIMIT: usize>() -> Limited<LIMIT> {
     bincode::config::standard().with_limit::<LIMIT>()
 }
 
-/// Encodes `value` as a record of format `version`.
+/// Encodes `value` as a store record of format `version` (at most [`RECORD_BYTES_MAX`]).
 ///
 /// # Panics
-/// If the encoding exceeds [`RECORD_BYTES_MAX`]: records are small by construction.
+/// If the encoding exceeds the limit: records are small by construction.
 pub fn encode<T: Encode>(version: u8, value: &T) -> Vec<u8> {
+    encode_limited::<T, RECORD_BYTES_MAX>(version, value)
+}
+
+/// Encodes `value` with format `version` first, its body within `LIMIT` bytes.
+///
+/// # Panics
+/// If the encoding exceeds `LIMIT`: callers bound what they encode.
+pub fn encode_limited<T: Encode, const LIMIT: usize>(version: u8, value: &T) -> Vec<u8> {
     let mut out = vec![version];
-    let body = bincode::encode_to_vec(value, config::<RECORD_BYTES_MAX>())
-        .expect("records encode within the limit");
+    let body =
+        bincode::encode_to_vec(value, config::<LIMIT>()).expect("values encode within their limit");
     out.extend_from_slice(&body);
-    assert!(out.len() <= RECORD_BYTES_MAX, "record of {} bytes", out.len());
+    assert!(out.len() <= LIMIT + 1, "record of {} bytes, limit {LIMIT}", out.len());
     out
 }
 
-/// Decodes a record of format `version`.
+/// Decodes a store record of format `version` (at most [`RECORD_BYTES_MAX`]).
 ///
 /// # Errors
 /// [`CodecError`] for a wrong version, oversized, malformed or trailing input.
 pub fn decode<T: Decode<()>>(version: u8, bytes: &[u8]) -> Result<T, CodecError> {
+    decode_limited::<T, RECORD_BYTES_MAX>(version, bytes)
+}
+
+/// Decodes a value of format `version` whose body is at most `LIMIT` bytes.
+///
+/// # Errors
+/// [`CodecError`] for a wrong version, oversized, malformed or trailing input.
+pub fn decode_limited<T: Decode<()>, const LIMIT: usize>(
+    version: u8,
+    bytes: &[u8],
+) -> Result<T, CodecError> {
     let (&found, body) = bytes.split_first().ok_or(CodecError::Empty)?;
     if found != version {
         return Err(CodecError::Version { found, expected: version });
     }
-    if bytes.len() > RECORD_BYTES_MAX {
+    if body.len() > LIMIT {
         return Err(CodecError::TooLarge(bytes.len()));
     }
-    let (value, used) = bincode::decode_from_slice(body, config::<RECORD_BYTES_MAX>())
+    let (value, used) = bincode::decode_from_slice(body, config::<LIMIT>())
         .map_err(|e| CodecError::Malformed(e.to_string()))?;
     if used != body.len() {
         return Err(CodecError::Trailing(body.len() - used));

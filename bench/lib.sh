@@ -1,0 +1,15 @@
+# Shared helpers for the benchmark scripts (sourced).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BENCH_DIR="${BENCH_DIR:-$ROOT/target/bench-work}"   # on the same filesystem as a real store
+SHM="${SHM:-/dev/shm/mycel-bench}"
+RUNS="${RUNS:-3}"
+M="$ROOT/target/release/mycel"
+MB="$ROOT/target/release/mycel-bench"
+
+build() { (cd "$ROOT" && cargo build --release -p mycel-node --bins >&2); }
+now() { date +%s.%N; }
+elapsed() { python3 -c "print(f'{$2 - $1:.3f}')"; }
+median() { python3 -c 'import sys,statistics; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.3f}")' "$@"; }
+mbps() { python3 -c "print(f'{$1 / 1e6 / $2:.0f}')"; }
+machine() { echo "$(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r), $(df -h "$BENCH_DIR" | awk 'NR==2{print $1" "$2}')"; }

@@ -1,0 +1,281 @@
+//! Frames of the exchange protocol (`/mycel/exchange/1`) and the gossip announcement.
+//!
+//! A frame on a stream is `[len: u32 LE][version: u8][bincode body]`, `len` counting the
+//! version byte and body and never above [`FRAME_BYTES_MAX`]. Every request names the root
+//! it serves, so the serving side can authorise it. Decoding is bounded: an oversized
+//! length, an unknown version, a malformed body, a want list over [`WANT_CIDS_MAX`] or a
+//! block over the chunk limit is an error, and the driver resets the stream.
+
+use bincode::{Decode, Encode};
+use mycel_chunker::{Cid, NODE_BYTES_MAX, codec};
+
+/// Format version of frames and announcements.
+pub const FRAME_VERSION: u8 = 1;
+/// Largest frame body: one block (chunk or manifest node) plus headroom.
+pub const FRAME_BYTES_MAX: usize = NODE_BYTES_MAX + 4096;
+/// Most CIDs in one want list.
+pub const WANT_CIDS_MAX: usize = 256;
+/// Longest reason text in a refusal.
+pub const REASON_BYTES_MAX: usize = 256;
+/// Largest announcement.
+pub const ANNOUNCE_BYTES_MAX: usize = 64 * 1024;
+/// Complete roots per announcement page.
+pub const ANNOUNCE_ROOTS_MAX: usize = 1024;
+/// Partial transfers per announcement.
+pub const ANNOUNCE_PARTIAL_MAX: usize = 64;
+/// Longest zone name.
+pub const ZONE_BYTES_MAX: usize = 64;
+
+const _: () = assert!(FRAME_BYTES_MAX >= NODE_BYTES_MAX + 64, "a frame holds the largest block");
+const _: () = assert!(WANT_CIDS_MAX * (Cid::BYTES + 2) + 64 < FRAME_BYTES_MAX);
+const _: () =
+    assert!(ANNOUNCE_ROOTS_MAX * (Cid::BYTES + 1) + ANNOUNCE_PARTIAL_MAX * 64 < ANNOUNCE_BYTES_MAX);
+
+/// A CID on the wire (its 36-byte binary form).
+pub type CidBytes = [u8; Cid::BYTES];
+
+/// One frame.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum Frame {
+    /// Asks for blocks of `root`.
+    Want {
+        /// Request id, echoed in the answers.
+        req: u64,
+        /// The object these blocks belong to.
+        root: CidBytes,
+        /// The blocks.
+        cids: Vec<CidBytes>,
+    },
+    /// One block.
+    Block {
+        /// Request id.
+        req: u64,
+        /// The block's CID.
+        cid: CidBytes,
+        /// Its bytes.
+        bytes: Vec<u8>,
+    },
+    /// The server does not hold this block.
+    DontHave {
+        /// Request id.
+        req: u64,
+        /// The block.
+        cid: CidBytes,
+    },
+    /// Asks whether the server holds `root`.
+    WhoHas {
+        /// Request id.
+        req: u64,
+        /// The object.
+        root: CidBytes,
+    },
+    /// Answer to [`Frame::WhoHas`].
+    Holding {
+        /// Request id.
+        req: u64,
+        /// The object.
+        root: CidBytes,
+        /// Whether every block is held.
+        complete: bool,
+    },
+    /// The request was refused (not a member, no grant, over a limit).
+    Refused {
+        /// Request id.
+        req: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Why a frame or announcement was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WireError {
+    /// Length prefix over the limit.
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    /// Zero length.
+    #[error("empty frame")]
+    Empty,
+    /// Body did not decode (wrong version, malformed, trailing bytes).
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// Decoded, but breaks a protocol bound.
+    #[error("frame breaks a limit: {0}")]
+    Limit(&'static str),
+}
+
+impl Frame {
+    /// The frame with its length prefix.
+    pub fn encode(&self) -> Vec<u8> {
+        let body = codec::encode_limited::<_, FRAME_BYTES_MAX>(FRAME_VERSION, self);
+        assert!(body.len() <= FRAME_BYTES_MAX, "frame of {} bytes", body.len());
+        let mut out = Vec::with_capacity(4 + body.len());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Checks a length prefix before reading the body.
+    ///
+    /// # Errors
+    /// [`WireError::TooLarge`] or [`WireError::Empty`].
+    pub fn check_len(prefix: [u8; 4]) -> Result<usize, WireError> {
+        let len = u32::from_le_bytes(prefix) as usize;
+        if len == 0 {
+            return Err(WireError::Empty);
+        }
+        if len > FRAME_BYTES_MAX {
+            return Err(WireError::TooLarge(len));
+        }
+        Ok(len)
+    }
+
+    /// Decodes a body (after the length prefix) and checks protocol bounds.
+    ///
+    /// # Errors
+    /// [`WireError`] for anything but a well-formed frame within the limits.
+    pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
+        if body.len() > FRAME_BYTES_MAX {
+            return Err(WireError::TooLarge(body.len()));
+        }
+        let frame: Frame = codec::decode_limited::<_, FRAME_BYTES_MAX>(FRAME_VERSION, body)
+            .map_err(|e| WireError::Malformed(e.to_string()))?;
+        match &frame {
+            Frame::Want { cids, .. } if cids.len() > WANT_CIDS_MAX => {
+                Err(WireError::Limit("want list too long"))
+            }
+            Frame::Want { cids, .. } if cids.is_empty() => Err(WireError::Limit("empty want list")),
+            Frame::Block { bytes, .. } if bytes.len() > NODE_BYTES_MAX => {
+                Err(WireError::Limit("block larger than any chunk or node"))
+            }
+            Frame::Refused { reason, .. } if reason.len() > REASON_BYTES_MAX => {
+                Err(WireError::Limit("reason too long"))
+            }
+            _ => Ok(frame),
+        }
+    }
+}
+
+/// Progress of an object a node is still fetching.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct Partial {
+    /// The object.
+    pub root: CidBytes,
+    /// Content bytes held.
+    pub done_bytes: u64,
+    /// Content bytes in all.
+    pub total_bytes: u64,
+}
+
+/// A node's periodic digest of what it holds, published on its zone's gossip topic.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct Announcement {
+    /// The announcing node's PeerId bytes.
+    pub node: Vec<u8>,
+    /// Its zone.
+    pub zone: String,
+    /// Increases with every announcement of this node.
+    pub seq: u64,
+    /// This page of the node's complete roots.
+    pub roots: Vec<CidBytes>,
+    /// Page number (roots beyond one page rotate across announcements).
+    pub page: u32,
+    /// Pages in all.
+    pub pages: u32,
+    /// Objects being fetched.
+    pub partial: Vec<Partial>,
+    /// Transfers in progress (served and fetched).
+    pub load: u32,
+    /// Free store capacity in bytes.
+    pub free_bytes: u64,
+}
+
+impl Announcement {
+    /// Encodes (version byte first).
+    pub fn encode(&self) -> Vec<u8> {
+        let out = codec::encode_limited::<_, ANNOUNCE_BYTES_MAX>(FRAME_VERSION, self);
+        assert!(out.len() <= ANNOUNCE_BYTES_MAX, "announcement of {} bytes", out.len());
+        out
+    }
+
+    /// Decodes and checks bounds.
+    ///
+    /// # Errors
+    /// [`WireError`] for malformed or oversized announcements.
+    pub fn decode(bytes: &[u8]) -> Result<Announcement, WireError> {
+        if bytes.len() > ANNOUNCE_BYTES_MAX {
+            return Err(WireError::TooLarge(bytes.len()));
+        }
+        let a: Announcement = codec::decode_limited::<_, ANNOUNCE_BYTES_MAX>(FRAME_VERSION, bytes)
+            .map_err(|e| WireError::Malformed(e.to_string()))?;
+        if a.roots.len() > ANNOUNCE_ROOTS_MAX
+            || a.partial.len() > ANNOUNCE_PARTIAL_MAX
+            || a.zone.len() > ZONE_BYTES_MAX
+            || a.node.len() > crate::types::PEER_ID_BYTES_MAX
+            || a.page >= a.pages.max(1)
+        {
+            return Err(WireError::Limit("announcement over its bounds"));
+        }
+        Ok(a)
+    }
+}
+
+/// A CID from its wire form.
+///
+/// # Errors
+/// [`WireError::Malformed`] if the bytes are not a CID mycel uses.
+pub fn cid(bytes: &CidBytes) -> Result<Cid, WireError> {
+    Cid::from_bytes(bytes).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn frames_round_trip_and_bounds_hold() {
+        // Each frame kind decodes to itself; an oversized length, a long want list, an
+        // empty want list and a wrong version are refused.
+        let c = Cid::raw(b"x").to_bytes();
+        for f in [
+            Frame::Want { req: 1, root: c, cids: vec![c; 3] },
+            Frame::Block { req: 2, cid: c, bytes: vec![7; 1000] },
+            Frame::DontHave { req: 3, cid: c },
+            Frame::WhoHas { req: 4, root: c },
+            Frame::Holding { req: 5, root: c, complete: true },
+            Frame::Refused { req: 6, reason: "no".into() },
+        ] {
+            let bytes = f.encode();
+            let len = Frame::check_len(bytes[..4].try_into().unwrap()).unwrap();
+            assert_eq!(len, bytes.len() - 4);
+            assert_eq!(Frame::decode(&bytes[4..]).unwrap(), f);
+        }
+        assert!(Frame::check_len((FRAME_BYTES_MAX as u32 + 1).to_le_bytes()).is_err());
+        assert!(Frame::check_len([0; 4]).is_err());
+        let long = Frame::Want { req: 1, root: c, cids: vec![c; WANT_CIDS_MAX + 1] }.encode();
+        assert_eq!(Frame::decode(&long[4..]), Err(WireError::Limit("want list too long")));
+        let empty = Frame::Want { req: 1, root: c, cids: vec![] }.encode();
+        assert!(Frame::decode(&empty[4..]).is_err());
+        let mut wrong = Frame::DontHave { req: 3, cid: c }.encode();
+        wrong[4] = 9;
+        assert!(matches!(Frame::decode(&wrong[4..]), Err(WireError::Malformed(_))));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 2048,
+            rng_algorithm: proptest::test_runner::RngAlgorithm::ChaCha,
+            ..ProptestConfig::default()
+        })]
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            // Arbitrary bytes are an error or a frame within bounds, never a panic.
+            if let Ok(Frame::Want { cids, .. }) = Frame::decode(&bytes) {
+                prop_assert!(cids.len() <= WANT_CIDS_MAX);
+            }
+            let _ = Announcement::decode(&bytes);
+        }
+    }
+}

@@ -156,6 +156,178 @@ impl Node {
     }
 }
 
+impl Node {
+    /// A fresh node for a mesh test: listens on 127.0.0.1 (UDP port chosen by the OS),
+    /// announces every 500 ms, with the given extra `init` arguments.
+    ///
+    /// # Errors
+    /// If `mycel init` fails.
+    pub fn mesh(extra: &[&str]) -> Result<(Node, String)> {
+        let tmp = tempfile::tempdir()?;
+        let mut node = Node { dir: tmp.path().join("node"), _tmp: None };
+        node._tmp = Some(tmp);
+        let mut args = vec!["init", "--json", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1"];
+        args.extend_from_slice(extra);
+        let out = node.ok(&args)?.json()?;
+        let peer = out["peer_id"].as_str().context("peer_id")?.to_string();
+        node.set_config("announce_period_ms", "500")?;
+        node.set_config("request_timeout_ms", "3000")?;
+        Ok((node, peer))
+    }
+
+    /// Sets `key = value` (the first line defining `key`) in config.toml.
+    ///
+    /// # Errors
+    /// If the key is not in the file.
+    pub fn set_config(&self, key: &str, value: &str) -> Result<()> {
+        let path = self.dir.join("config.toml");
+        let text = std::fs::read_to_string(&path)?;
+        let mut done = false;
+        let lines: Vec<String> = text
+            .lines()
+            .map(|l| {
+                if !done && l.trim_start().starts_with(&format!("{key} =")) {
+                    done = true;
+                    format!("{key} = {value}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        anyhow::ensure!(done, "{key} not in {}", path.display());
+        std::fs::write(&path, lines.join("\n") + "\n")?;
+        Ok(())
+    }
+
+    /// Sets `[cluster] members`.
+    ///
+    /// # Errors
+    /// As [`Node::set_config`].
+    pub fn set_members(&self, peers: &[&str]) -> Result<()> {
+        let list: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
+        self.set_config("members", &format!("[{}]", list.join(", ")))
+    }
+
+    /// Sets `[node] bootstrap`.
+    ///
+    /// # Errors
+    /// As [`Node::set_config`].
+    pub fn set_bootstrap(&self, addrs: &[&str]) -> Result<()> {
+        let list: Vec<String> = addrs.iter().map(|p| format!("\"{p}\"")).collect();
+        self.set_config("bootstrap", &format!("[{}]", list.join(", ")))
+    }
+
+    /// Starts `mycel run ARGS` and waits (up to 30 s) until it listens.
+    ///
+    /// # Errors
+    /// If it exits or never becomes ready.
+    pub fn start(&self, extra: &[&str]) -> Result<Running> {
+        let log = std::fs::File::create(self.dir.join("daemon.log"))?;
+        let mut args = vec!["run"];
+        args.extend_from_slice(extra);
+        let child = Command::new(mycel_bin())
+            .args(&args)
+            .env("MYCEL_DATA_DIR", &self.dir)
+            .env("RUST_LOG", "info,mycel_node=debug,libp2p_gossipsub=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning mycel run")?;
+        let mut running = Running { child: Some(child), addr: String::new() };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(status) = running.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                let log = std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
+                bail!("daemon exited with {status}: {log}");
+            }
+            if let Ok(r) = self.run(&["id", "--json"])
+                && r.code == 0
+                && let Ok(v) = r.json()
+                && let Some(a) =
+                    v["listen_addrs"].as_array().and_then(|a| a.first()).and_then(|a| a.as_str())
+            {
+                running.addr = a.to_string();
+                return Ok(running);
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "daemon not ready within 30 s");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+}
+
+/// A running daemon; killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Running {
+    child: Option<std::process::Child>,
+    /// Its first listen address, ending in /p2p/PEER_ID.
+    pub addr: String,
+}
+
+impl Running {
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns its exit code.
+    ///
+    /// # Errors
+    /// If it does not exit within 20 s.
+    pub fn stop(&mut self) -> Result<Option<i32>> {
+        let Some(mut c) = self.child.take() else { return Ok(None) };
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(s) = c.try_wait()? {
+                return Ok(s.code());
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                bail!("daemon ignored SIGTERM for 20 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some` or `secs` pass.
+///
+/// # Errors
+/// On timeout, naming `what`.
+pub fn wait_for<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check() {
+            return Ok(v);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// Deterministic pseudo-random bytes.
 pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];

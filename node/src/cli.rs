@@ -13,11 +13,13 @@
 //! | 6 | data directory or store unusable (not initialised, damaged, wrong version) |
 //! | 7 | disk full |
 //! | 8 | store in use by another process |
+//! | 9 | the command needs a running daemon and none runs |
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
@@ -25,11 +27,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mycel_chunker::{Cid, Config, topology};
 use serde_json::json;
 
-use crate::datadir::{self, DataDir, DataDirError};
+use crate::datadir::{self, DataDir, DataDirError, InitOptions};
 use crate::ingest::{self, AddError, KindArg};
 use crate::objects;
 use crate::restore::{self, GetError, GetOptions};
 use crate::store::{Store, StoreError};
+use crate::{api, daemon, net};
 
 /// A command's failure: an exit code and a one-line message.
 #[derive(Debug)]
@@ -60,6 +63,8 @@ pub const EXIT_STORE: u8 = 6;
 pub const EXIT_DISK_FULL: u8 = 7;
 /// Exit code: store locked.
 pub const EXIT_LOCKED: u8 = 8;
+/// Exit code: the command needs a running daemon and none runs.
+pub const EXIT_NO_DAEMON: u8 = 9;
 
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Failure {
@@ -145,7 +150,33 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create a node: data directory, identity key (0600) and a commented config.
-    Init,
+    Init {
+        /// QUIC multiaddr to listen on (repeatable) [default: /ip4/0.0.0.0/udp/0/quic-v1].
+        #[arg(long)]
+        listen: Vec<String>,
+        /// Multiaddr of a peer to dial, ending in /p2p/PEER_ID (repeatable).
+        #[arg(long)]
+        bootstrap: Vec<String>,
+        /// This node's zone.
+        #[arg(long)]
+        zone: Option<String>,
+        /// PeerId allowed to connect (repeatable; edit [cluster] members later and send SIGHUP
+        /// or run `mycel config reload`).
+        #[arg(long)]
+        member: Vec<String>,
+    },
+    /// Run the daemon: join the mesh, serve and fetch content, serve the admin API.
+    Run {
+        /// Test only: serve corrupt chunks (to test that peers detect them).
+        #[arg(long, hide = true)]
+        test_corrupt_serve: bool,
+    },
+    /// This node's PeerId, and its bound addresses when the daemon runs.
+    Id,
+    /// The daemon's status: peers, fetches, roots.
+    Status,
+    /// Connected peers.
+    Peers,
     /// Add a file, directory, disk image, topology file, or stdin (`-`); prints the root CID.
     Add {
         /// What to add.
@@ -169,6 +200,9 @@ enum Command {
         /// Topology files: the source bytes as they were added, comments included.
         #[arg(long)]
         source: bool,
+        /// Through a daemon: give up after this many seconds without progress.
+        #[arg(long, default_value = "60")]
+        timeout: u64,
     },
     /// List the objects in the store.
     Ls,
@@ -216,6 +250,8 @@ enum ConfigCommand {
         /// The file.
         file: Option<PathBuf>,
     },
+    /// Make the running daemon re-read `[cluster] members` (as SIGHUP does).
+    Reload,
 }
 
 #[derive(Debug, Subcommand)]
@@ -256,16 +292,64 @@ struct Ctx {
     dir: DataDir,
     json: bool,
     quiet: bool,
+    /// Inside the daemon: its store, and a buffer instead of stdout.
+    shared: Option<(Arc<Store>, Arc<Mutex<Capture>>)>,
+}
+
+/// Stdout of a command run inside the daemon, bounded.
+#[derive(Debug, Default)]
+struct Capture(Vec<u8>);
+
+/// Most bytes a command run inside the daemon may print (larger output: write to a file).
+const CAPTURE_BYTES_MAX: usize = 64 << 20;
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > CAPTURE_BYTES_MAX {
+            return Err(std::io::Error::other(
+                "output over 64 MiB through the daemon: write it to a file instead of stdout",
+            ));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct CaptureWriter(Arc<Mutex<Capture>>);
+
+impl Write for CaptureWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("capture lock").write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Ctx {
-    fn store(&self) -> Result<Store, Failure> {
+    fn store(&self) -> Result<Arc<Store>, Failure> {
+        if let Some((store, _)) = &self.shared {
+            return Ok(store.clone());
+        }
         self.dir.check()?;
-        Ok(Store::open(&self.dir.store_path())?)
+        Ok(Arc::new(Store::open(&self.dir.store_path())?))
+    }
+
+    /// Where command output goes: stdout, or the daemon's capture buffer.
+    fn stdout(&self) -> Box<dyn Write + '_> {
+        match &self.shared {
+            Some((_, cap)) => Box::new(CaptureWriter(cap.clone())),
+            None => Box::new(std::io::stdout().lock()),
+        }
     }
 
     fn print(&self, value: serde_json::Value, human: impl FnOnce() -> String) {
-        let mut out = std::io::stdout().lock();
+        let mut out = self.stdout();
         let text = if self.json { value.to_string() } else { human() };
         if !text.is_empty() {
             let _ = writeln!(out, "{text}");
@@ -283,7 +367,7 @@ impl Ctx {
     where
         T: Send,
     {
-        if self.quiet || !std::io::stderr().is_terminal() {
+        if self.quiet || self.shared.is_some() || !std::io::stderr().is_terminal() {
             return work();
         }
         let bar = match total {
@@ -325,38 +409,368 @@ fn run(cli: Cli) -> Result<(), Failure> {
         dir: DataDir::new(cli.data_dir.unwrap_or_else(datadir::default_path)),
         json: cli.json,
         quiet: cli.quiet,
+        shared: None,
     };
-    match cli.command {
-        Command::Init => init(&ctx),
-        Command::Add { path, kind } => add(&ctx, path, kind),
-        Command::Get { cid, out, in_place, format, source } => {
-            get(&ctx, &cid, out, in_place, format, source)
+    // With a daemon running it holds the store: store commands go through its API.
+    if let Some(args) = daemon_args(&cli.command, ctx.json)?
+        && let Some(result) = through_daemon(&ctx, &cli.command, args)?
+    {
+        return result;
+    }
+    dispatch(&ctx, cli.command)
+}
+
+fn dispatch(ctx: &Ctx, command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Init { listen, bootstrap, zone, member } => {
+            init(ctx, InitOptions { listen, bootstrap, zone, members: member })
         }
-        Command::Ls => ls(&ctx),
-        Command::Inspect { cid } => inspect(&ctx, &cid),
-        Command::Block { command: BlockCommand::Get { cid } } => block_get(&ctx, &cid),
-        Command::Diff { a, b } => diff(&ctx, &a, &b),
-        Command::Verify { cid } => verify(&ctx, cid.as_deref()),
-        Command::Gc => gc(&ctx),
-        Command::Rm { cid } => rm(&ctx, &cid),
-        Command::Config { command: ConfigCommand::Check { file } } => config_check(&ctx, file),
+        Command::Run { test_corrupt_serve } => run_daemon(ctx, test_corrupt_serve),
+        Command::Id => id(ctx),
+        Command::Status => daemon_get(ctx, "/v1/status"),
+        Command::Peers => daemon_get(ctx, "/v1/peers"),
+        Command::Add { path, kind } => add(ctx, path, kind),
+        Command::Get { cid, out, in_place, format, source, .. } => {
+            get(ctx, &cid, out, in_place, format, source)
+        }
+        Command::Ls => ls(ctx),
+        Command::Inspect { cid } => inspect(ctx, &cid),
+        Command::Block { command: BlockCommand::Get { cid } } => block_get(ctx, &cid),
+        Command::Diff { a, b } => diff(ctx, &a, &b),
+        Command::Verify { cid } => verify(ctx, cid.as_deref()),
+        Command::Gc => gc(ctx),
+        Command::Rm { cid } => rm(ctx, &cid),
+        Command::Config { command: ConfigCommand::Check { file } } => config_check(ctx, file),
+        Command::Config { command: ConfigCommand::Reload } => {
+            daemon_call(ctx, "POST", "/v1/members/reload")
+        }
     }
 }
 
-fn init(ctx: &Ctx) -> Result<(), Failure> {
-    let mut seed = [0u8; 32];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
-    let key = ctx.dir.init(seed)?;
-    let public = hex(key.verifying_key().as_bytes());
-    let path = ctx.dir.path.display().to_string();
-    ctx.print(json!({"data_dir": path, "public_key": public}), || {
-        format!("initialised mycel node in {path}\npublic key {public}")
+/// The arguments a store command is forwarded with (paths made absolute), or `None` for
+/// commands that do not use the store.
+fn daemon_args(command: &Command, json: bool) -> Result<Option<Vec<String>>, Failure> {
+    let abs = |p: &PathBuf| -> Result<String, Failure> {
+        if p.as_os_str() == "-" {
+            return Ok("-".into());
+        }
+        std::path::absolute(p)
+            .map(|a| a.to_string_lossy().into_owned())
+            .map_err(|e| Failure::new(EXIT_INVALID, format!("{}: {e}", p.display())))
+    };
+    let mut args: Vec<String> = match command {
+        Command::Add { path, kind } => {
+            if path.as_os_str() == "-" {
+                return Ok(None); // stdin stays with the CLI; handled below
+            }
+            let kind = clap::ValueEnum::to_possible_value(kind).expect("no skipped variants");
+            vec!["add".into(), abs(path)?, "--kind".into(), kind.get_name().into()]
+        }
+        Command::Get { cid, out, in_place, format, source, .. } => {
+            let mut a = vec!["get".into(), cid.clone(), abs(out)?];
+            if *in_place {
+                a.push("--in-place".into());
+            }
+            if let Some(f) = format {
+                a.extend(["--format".into(), f.clone()]);
+            }
+            if *source {
+                a.push("--source".into());
+            }
+            a
+        }
+        Command::Ls => vec!["ls".into()],
+        Command::Inspect { cid } => vec!["inspect".into(), cid.clone()],
+        Command::Block { command: BlockCommand::Get { cid } } => {
+            vec!["block".into(), "get".into(), cid.clone()]
+        }
+        Command::Diff { a, b } => vec!["diff".into(), a.clone(), b.clone()],
+        Command::Verify { cid } => {
+            let mut a = vec!["verify".into()];
+            a.extend(cid.clone());
+            a
+        }
+        Command::Gc => vec!["gc".into()],
+        Command::Rm { cid } => vec!["rm".into(), cid.clone()],
+        _ => return Ok(None),
+    };
+    if json {
+        args.insert(0, "--json".into());
+    }
+    Ok(Some(args))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(EXIT_FAILURE, format!("starting the async runtime: {e}")))
+}
+
+/// Runs a store command through the daemon if one runs; `None` if none does.
+fn through_daemon(
+    ctx: &Ctx,
+    command: &Command,
+    args: Vec<String>,
+) -> Result<Option<Result<(), Failure>>, Failure> {
+    let socket = ctx.dir.socket_path();
+    if !socket.exists() {
+        return Ok(None);
+    }
+    let rt = runtime()?;
+    rt.block_on(async {
+        let Some(mut client) = api::client::Client::connect(&socket).await else {
+            return Ok(None);
+        };
+        let mut fetched: Option<daemon::FetchUpdate> = None;
+        if let Command::Get { cid, timeout, .. } = command {
+            fetched = Some(fetch_through(ctx, &mut client, cid, *timeout).await?);
+            // The progress stream used that connection up: take a fresh one.
+            client = api::client::Client::connect(&socket)
+                .await
+                .ok_or_else(|| Failure::new(EXIT_FAILURE, "the daemon went away"))?;
+        }
+        let resp = client
+            .call("POST", "/v1/cli", Some(json!({"args": args})))
+            .await
+            .map_err(|e| Failure::new(EXIT_FAILURE, e))?;
+        let code: u8 = resp
+            .headers()
+            .get(api::EXIT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(EXIT_FAILURE);
+        let error = resp
+            .headers()
+            .get(api::ERROR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .map_err(|e| Failure::new(EXIT_FAILURE, e.to_string()))?
+            .to_bytes();
+        let mut body = body.to_vec();
+        // `get --json` through the mesh also reports who sent what.
+        if let (Some(f), true, 0) = (&fetched, ctx.json, code)
+            && let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body)
+            && let Some(obj) = v.as_object_mut()
+        {
+            obj.insert("by_peer".into(), json!(f.by_peer));
+            obj.insert("fetched_bytes".into(), json!(f.by_peer.values().sum::<u64>()));
+            obj.insert("rerequested".into(), json!(f.rerequested));
+            body = v.to_string().into_bytes();
+            body.push(b'\n');
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(&body);
+        let _ = out.flush();
+        if code == 0 {
+            Ok(Some(Ok(())))
+        } else {
+            let mut f = Failure::new(code, error);
+            f.reported = true;
+            if !ctx.json {
+                f.reported = false;
+            }
+            Ok(Some(Err(f)))
+        }
+    })
+}
+
+/// Fetches an object through the daemon's mesh, drawing progress.
+async fn fetch_through(
+    ctx: &Ctx,
+    client: &mut api::client::Client,
+    cid: &str,
+    timeout_s: u64,
+) -> Result<daemon::FetchUpdate, Failure> {
+    parse_cid(cid)?;
+    let resp = client
+        .call("POST", "/v1/fetch", Some(json!({"root": cid})))
+        .await
+        .map_err(|e| Failure::new(EXIT_FAILURE, e))?;
+    if !resp.status().is_success() {
+        return Err(Failure::new(
+            EXIT_INVALID,
+            format!("daemon refused the fetch ({})", resp.status()),
+        ));
+    }
+    let mut body = resp.into_body();
+    let bar = (!ctx.quiet && std::io::stderr().is_terminal()).then(|| {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "fetching [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar
+    });
+    let mut buf = Vec::new();
+    let mut last: Option<daemon::FetchUpdate> = None;
+    let patience = std::time::Duration::from_secs(timeout_s.max(1));
+    let mut progress_at = std::time::Instant::now();
+    let mut best = 0u64;
+    loop {
+        let line = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            api::client::next_line(&mut body, &mut buf),
+        )
+        .await;
+        let line = match line {
+            Err(_) => None,
+            Ok(r) => match r.map_err(|e| Failure::new(EXIT_FAILURE, e))? {
+                Some(l) => Some(l),
+                None => break,
+            },
+        };
+        if progress_at.elapsed() > patience {
+            let why = if best == 0 {
+                "no peer holds it, or none can be reached"
+            } else {
+                "the transfer stalled"
+            };
+            return Err(Failure::new(
+                EXIT_NOT_FOUND,
+                format!("fetching {cid}: {why} ({timeout_s} s without progress)"),
+            ));
+        }
+        let Some(line) = line else { continue };
+        let update: daemon::FetchUpdate = serde_json::from_slice(&line)
+            .map_err(|e| Failure::new(EXIT_FAILURE, format!("bad progress line: {e}")))?;
+        if update.done_bytes > best || update.state != "fetching" {
+            best = update.done_bytes.max(best + u64::from(update.state != "fetching"));
+            progress_at = std::time::Instant::now();
+        }
+        if let Some(bar) = &bar {
+            bar.set_length(update.total_bytes);
+            bar.set_position(update.done_bytes);
+            bar.set_message(format!("{} peers", update.peers));
+        }
+        let done = update.state != "fetching";
+        last = Some(update);
+        if done {
+            break;
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let last =
+        last.ok_or_else(|| Failure::new(EXIT_FAILURE, "the daemon ended the fetch early"))?;
+    match last.state.as_str() {
+        "complete" => Ok(last),
+        _ => Err(Failure::new(
+            EXIT_NOT_FOUND,
+            format!("fetching {cid}: {}", last.error.clone().unwrap_or_else(|| "failed".into())),
+        )),
+    }
+}
+
+/// Runs a store command inside the daemon (which holds the store): returns the exit code,
+/// the captured stdout and the error message.
+pub fn run_in_daemon(args: Vec<String>, dir: DataDir, store: Arc<Store>) -> (u8, Vec<u8>, String) {
+    let argv = std::iter::once("mycel".to_string()).chain(args);
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(c) => c,
+        Err(e) => return (2, Vec::new(), e.to_string()),
+    };
+    if daemon_args(&cli.command, false).ok().flatten().is_none() {
+        return (EXIT_INVALID, Vec::new(), "not a store command".into());
+    }
+    let capture = Arc::new(Mutex::new(Capture::default()));
+    let ctx = Ctx { dir, json: cli.json, quiet: true, shared: Some((store, capture.clone())) };
+    let result = dispatch(&ctx, cli.command);
+    let out = std::mem::take(&mut capture.lock().expect("capture lock").0);
+    match result {
+        Ok(()) => (0, out, String::new()),
+        Err(f) => (f.code, out, f.message),
+    }
+}
+
+fn run_daemon(ctx: &Ctx, test_corrupt_serve: bool) -> Result<(), Failure> {
+    ctx.dir.check()?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_gossipsub=warn"));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(EXIT_FAILURE, format!("starting the runtime: {e}")))?;
+    let opts = daemon::RunOptions { test_corrupt_serve };
+    rt.block_on(daemon::run(ctx.dir.clone(), opts))
+        .map_err(|e| Failure::new(EXIT_STORE, e.to_string()))
+}
+
+fn daemon_call(ctx: &Ctx, method: &str, path: &str) -> Result<(), Failure> {
+    let socket = ctx.dir.socket_path();
+    let rt = runtime()?;
+    let value = rt.block_on(async {
+        let mut client = api::client::Client::connect(&socket).await.ok_or_else(|| {
+            Failure::new(EXIT_NO_DAEMON, "no daemon is running (start one with `mycel run`)")
+        })?;
+        client.json(method, path, None).await.map_err(|e| Failure::new(EXIT_FAILURE, e))
+    })?;
+    ctx.print(value.clone(), || serde_json::to_string_pretty(&value).unwrap_or_default());
+    Ok(())
+}
+
+fn daemon_get(ctx: &Ctx, path: &str) -> Result<(), Failure> {
+    daemon_call(ctx, "GET", path)
+}
+
+fn id(ctx: &Ctx) -> Result<(), Failure> {
+    let socket = ctx.dir.socket_path();
+    let from_daemon = if socket.exists() {
+        runtime()?.block_on(async {
+            let mut client = api::client::Client::connect(&socket).await?;
+            client.json("GET", "/v1/id", None).await.ok()
+        })
+    } else {
+        None
+    };
+    let value = match from_daemon {
+        Some(v) => v,
+        None => {
+            let key = ctx.dir.identity()?;
+            let kp = libp2p::identity::Keypair::ed25519_from_bytes(key.to_bytes())
+                .map_err(|e| Failure::new(EXIT_STORE, e.to_string()))?;
+            json!({"peer_id": kp.public().to_peer_id().to_string(), "listen_addrs": []})
+        }
+    };
+    ctx.print(value.clone(), || {
+        let mut s = value["peer_id"].as_str().unwrap_or_default().to_string();
+        for a in value["listen_addrs"].as_array().into_iter().flatten() {
+            s.push_str(&format!("\n  {}", a.as_str().unwrap_or_default()));
+        }
+        s
     });
     Ok(())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+fn init(ctx: &Ctx, opts: InitOptions) -> Result<(), Failure> {
+    for m in &opts.members {
+        net::parse_peer(m).map_err(|e| Failure::new(EXIT_INVALID, e))?;
+    }
+    for a in opts.listen.iter().chain(&opts.bootstrap) {
+        a.parse::<libp2p::Multiaddr>()
+            .map_err(|e| Failure::new(EXIT_INVALID, format!("bad multiaddr {a:?}: {e}")))?;
+    }
+    let mut seed = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+    let key = ctx.dir.init_with(seed, &opts)?;
+    let kp = libp2p::identity::Keypair::ed25519_from_bytes(key.to_bytes())
+        .map_err(|e| Failure::new(EXIT_STORE, e.to_string()))?;
+    let peer_id = kp.public().to_peer_id().to_string();
+    let path = ctx.dir.path.display().to_string();
+    ctx.print(json!({"data_dir": path, "peer_id": peer_id}), || {
+        format!("initialised mycel node in {path}\npeer id {peer_id}")
+    });
+    Ok(())
 }
 
 fn chunker_config(ctx: &Ctx) -> Result<Config, Failure> {
@@ -417,7 +831,7 @@ fn get(
     let progress = restore::Progress::default();
     let to_stdout = out == std::path::Path::new("-");
     let report = ctx.progress(Some(root.len), "getting", &progress.bytes, || {
-        restore::get(&store, &cid, &out, &opts, &progress)
+        restore::get(&store, &cid, &out, &opts, &progress, &mut *ctx.stdout())
     })?;
     if to_stdout && !ctx.json {
         return Ok(());
@@ -512,7 +926,7 @@ fn block_get(ctx: &Ctx, cid: &str) -> Result<(), Failure> {
     let bytes = store
         .get(&cid)?
         .ok_or_else(|| Failure::new(EXIT_NOT_FOUND, format!("block {cid} is not in the store")))?;
-    let mut out = std::io::stdout().lock();
+    let mut out = ctx.stdout();
     out.write_all(&bytes)
         .and_then(|()| out.flush())
         .map_err(|e| Failure::new(EXIT_FAILURE, format!("stdout: {e}")))

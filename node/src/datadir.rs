@@ -65,6 +65,69 @@ pub struct NodeConfig {
     /// How content is cut.
     #[serde(default)]
     pub chunker: ChunkerSection,
+    /// Networking.
+    #[serde(default)]
+    pub node: NodeSection,
+    /// Who may connect.
+    #[serde(default)]
+    pub cluster: ClusterSection,
+    /// The admin API.
+    #[serde(default)]
+    pub api: ApiSection,
+}
+
+/// `[node]`: addresses, zone, announcements, bandwidth.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    /// Multiaddrs to listen on (QUIC only).
+    pub listen: Vec<String>,
+    /// Multiaddrs of peers to dial at start (and redial while disconnected).
+    pub bootstrap: Vec<String>,
+    /// This node's zone (announcements go to the zone's gossip topic).
+    pub zone: String,
+    /// Milliseconds between announcements of what this node holds.
+    pub announce_period_ms: u64,
+    /// Upload cap in bytes per second (0: none).
+    pub upload_bytes_per_sec: u64,
+    /// Download cap in bytes per second (0: none).
+    pub download_bytes_per_sec: u64,
+    /// A request unanswered this long moves to other peers.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for NodeSection {
+    fn default() -> NodeSection {
+        NodeSection {
+            listen: vec!["/ip4/0.0.0.0/udp/0/quic-v1".into()],
+            bootstrap: Vec::new(),
+            zone: "default".into(),
+            announce_period_ms: 5_000,
+            upload_bytes_per_sec: 0,
+            download_bytes_per_sec: 0,
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// `[cluster]`: membership. Until the quorum manages membership, the members are listed here;
+/// a peer not listed can neither connect nor ask for anything.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// PeerIds allowed to connect (this node is always allowed).
+    pub members: Vec<String>,
+}
+
+/// `[api]`: the admin API. It always listens on `mycel.sock` in the data directory (mode
+/// 0600); TCP only if `tcp` is set, and then only with the bearer `token`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    /// `HOST:PORT` for the TCP listener (off when empty).
+    pub tcp: String,
+    /// Bearer token required on TCP.
+    pub token: String,
 }
 
 /// `[chunker]`: the chunker identity used for new adds.
@@ -117,6 +180,31 @@ impl ChunkerSection {
 pub const DEFAULT_CONFIG: &str = r#"# mycel node configuration.
 # Every key is optional; the values shown are the defaults.
 
+[node]
+# QUIC multiaddrs to listen on.
+listen = ["/ip4/0.0.0.0/udp/0/quic-v1"]
+# Peers to dial at start, as multiaddrs ending in /p2p/PEER_ID.
+bootstrap = []
+# This node's zone: announcements go to the zone's topic, same-zone peers are preferred.
+zone = "default"
+# Milliseconds between announcements of what this node holds.
+announce_period_ms = 5000
+# Bandwidth caps in bytes per second (0: none).
+upload_bytes_per_sec = 0
+download_bytes_per_sec = 0
+# A request unanswered this long moves to other peers.
+request_timeout_ms = 10000
+
+[cluster]
+# PeerIds allowed to connect and fetch. Nobody else gets a byte of content.
+members = []
+
+[api]
+# The admin API listens on mycel.sock in the data directory (mode 0600). Set tcp to also
+# listen on TCP; then every request needs "Authorization: Bearer <token>".
+tcp = ""
+token = ""
+
 [chunker]
 # FastCDC 2020 chunk sizes. Nodes share chunks only when they cut alike, so change these
 # for a whole fleet or not at all.
@@ -130,6 +218,61 @@ zero_run_bytes = 65536
 # Manifest index nodes are cut after an entry whose hash has this many low zero bits.
 fanout_bits = 8
 "#;
+
+/// Values `init` writes into the config instead of the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct InitOptions {
+    /// `[node] listen`.
+    pub listen: Vec<String>,
+    /// `[node] bootstrap`.
+    pub bootstrap: Vec<String>,
+    /// `[node] zone`.
+    pub zone: Option<String>,
+    /// `[cluster] members`.
+    pub members: Vec<String>,
+}
+
+fn toml_list(items: &[String]) -> String {
+    let quoted: Vec<String> =
+        items.iter().map(|i| toml::Value::String(i.clone()).to_string()).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+impl InitOptions {
+    /// The commented config with these values.
+    pub fn render(&self) -> String {
+        let mut text = DEFAULT_CONFIG.to_string();
+        if !self.listen.is_empty() {
+            text = text.replacen(
+                "listen = [\"/ip4/0.0.0.0/udp/0/quic-v1\"]",
+                &format!("listen = {}", toml_list(&self.listen)),
+                1,
+            );
+        }
+        if !self.bootstrap.is_empty() {
+            text = text.replacen(
+                "bootstrap = []",
+                &format!("bootstrap = {}", toml_list(&self.bootstrap)),
+                1,
+            );
+        }
+        if let Some(zone) = &self.zone {
+            text = text.replacen(
+                "zone = \"default\"",
+                &format!("zone = {}", toml::Value::String(zone.clone())),
+                1,
+            );
+        }
+        if !self.members.is_empty() {
+            text = text.replacen(
+                "members = []",
+                &format!("members = {}", toml_list(&self.members)),
+                1,
+            );
+        }
+        text
+    }
+}
 
 /// A node's data directory.
 #[derive(Clone, Debug)]
@@ -163,6 +306,11 @@ impl DataDir {
         self.path.join("identity.key")
     }
 
+    /// The admin API's unix socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.path.join("mycel.sock")
+    }
+
     /// The store directory.
     pub fn store_path(&self) -> PathBuf {
         self.path.join("store")
@@ -173,6 +321,18 @@ impl DataDir {
     /// # Errors
     /// [`DataDirError::AlreadyInitialised`] if a node is there; IO errors.
     pub fn init(&self, seed: [u8; 32]) -> Result<SigningKey, DataDirError> {
+        self.init_with(seed, &InitOptions::default())
+    }
+
+    /// Like [`DataDir::init`], writing `opts` into the config.
+    ///
+    /// # Errors
+    /// As [`DataDir::init`].
+    pub fn init_with(
+        &self,
+        seed: [u8; 32],
+        opts: &InitOptions,
+    ) -> Result<SigningKey, DataDirError> {
         if self.key_path().exists() || self.config_path().exists() {
             return Err(DataDirError::AlreadyInitialised(self.path.clone()));
         }
@@ -185,7 +345,7 @@ impl DataDir {
         record.push(IDENTITY_VERSION);
         record.extend_from_slice(&seed);
         write_new(&self.key_path(), &record, 0o600)?;
-        write_new(&self.config_path(), DEFAULT_CONFIG.as_bytes(), 0o644)?;
+        write_new(&self.config_path(), opts.render().as_bytes(), 0o644)?;
         fs::create_dir_all(self.store_path()).map_err(io_err(&self.path))?;
         Ok(key)
     }

@@ -19,9 +19,13 @@
 // bookkeeping whose order never matters.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
+pub mod api;
 pub mod cli;
+pub mod daemon;
 pub mod datadir;
 pub mod ingest;
+pub mod metrics;
+pub mod net;
 pub mod objects;
 pub mod restore;
 pub mod store;

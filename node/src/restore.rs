@@ -115,6 +115,7 @@ pub fn get(
     out: &Path,
     opts: &GetOptions,
     progress: &Progress,
+    sink: &mut dyn Write,
 ) -> Result<GetReport, GetError> {
     let root = root(store, cid)?;
     let mut report = GetReport {
@@ -151,10 +152,14 @@ pub fn get(
             };
             progress.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             report.bytes_written = bytes.len() as u64;
-            write_bytes_atomically(out, &bytes, stdout)?;
+            if stdout {
+                sink.write_all(&bytes).and_then(|()| sink.flush()).map_err(out_err(out))?;
+            } else {
+                write_bytes_atomically(out, &bytes)?;
+            }
         }
         Kind::File | Kind::Topology if stdout => {
-            let mut lock = io::stdout().lock();
+            let lock = sink;
             for entry in Leaves::new(store, root.kind, root.tree, root.len) {
                 let NodeEntry::Chunk { cid, .. } = entry? else {
                     return Err(GetError::Corrupt("unexpected entry in a file tree".into()));
@@ -248,12 +253,7 @@ fn sync_parent(path: &Path) -> Result<(), GetError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(out_err(dir))
 }
 
-fn write_bytes_atomically(out: &Path, bytes: &[u8], stdout: bool) -> Result<(), GetError> {
-    if stdout {
-        let mut lock = io::stdout().lock();
-        lock.write_all(bytes).and_then(|()| lock.flush()).map_err(out_err(out))?;
-        return Ok(());
-    }
+fn write_bytes_atomically(out: &Path, bytes: &[u8]) -> Result<(), GetError> {
     let tmp = temp_path(out);
     let result = (|| {
         let file = create_new(&tmp)?;

@@ -4,3 +4,4 @@
 mod cli;
 mod configs;
 mod interop;
+mod mesh;

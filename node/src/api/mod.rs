@@ -1,0 +1,264 @@
+//! The admin API: HTTP/JSON on `mycel.sock` in the data directory (mode 0600), and on TCP
+//! only when configured, with a bearer token. The CLI is its main client.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /healthz` | the process is up |
+//! | `GET /readyz` | listening on the network (503 until then) |
+//! | `GET /metrics` | Prometheus text (mycel's and libp2p's metrics) |
+//! | `GET /v1/id`, `/v1/status`, `/v1/peers` | JSON |
+//! | `POST /v1/fetch` `{"root"}` | NDJSON progress lines until `complete` or `failed` |
+//! | `POST /v1/members/reload` | re-read `[cluster] members` |
+//! | `POST /v1/cli` `{"args"}` | run a store command of the CLI inside the daemon (which holds the store) |
+
+pub mod client;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::daemon::{Command, FetchUpdate};
+use crate::datadir::{DataDir, NodeConfig};
+use crate::store::Store;
+
+#[derive(Clone)]
+struct AppState {
+    cmd: mpsc::Sender<Command>,
+    store: Arc<Store>,
+    registry: Arc<Registry>,
+    dir: DataDir,
+    token: Option<String>,
+}
+
+/// A running API; [`Api::shutdown`] stops it and removes the socket.
+#[derive(Debug)]
+pub struct Api {
+    stop: Vec<oneshot::Sender<()>>,
+    socket: PathBuf,
+}
+
+impl Api {
+    /// Stops the listeners and removes the socket file.
+    pub async fn shutdown(self) {
+        for s in self.stop {
+            let _ = s.send(());
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Starts the API listeners.
+///
+/// # Errors
+/// If the socket (or TCP address) cannot be bound, or another daemon already serves it.
+pub async fn serve(
+    dir: &DataDir,
+    config: &NodeConfig,
+    cmd: mpsc::Sender<Command>,
+    store: Arc<Store>,
+    registry: Arc<Registry>,
+) -> Result<Api, String> {
+    let socket = dir.socket_path();
+    if socket.exists() {
+        if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+            return Err(format!("{}: another mycel daemon is running", socket.display()));
+        }
+        std::fs::remove_file(&socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("{}: {e}", socket.display()))?;
+    }
+    let state = AppState { cmd, store, registry, dir: dir.clone(), token: None };
+    let mut stop = Vec::new();
+    let (tx, rx) = oneshot::channel::<()>();
+    stop.push(tx);
+    let app = router(state.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    if !config.api.tcp.is_empty() {
+        let tcp = tokio::net::TcpListener::bind(&config.api.tcp)
+            .await
+            .map_err(|e| format!("[api] tcp {}: {e}", config.api.tcp))?;
+        let state = AppState { token: Some(config.api.token.clone()), ..state };
+        let app = router(state.clone()).layer(middleware::from_fn_with_state(state, require_token));
+        let (tx, rx) = oneshot::channel::<()>();
+        stop.push(tx);
+        tokio::spawn(async move {
+            let _ = axum::serve(tcp, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+    }
+    Ok(Api { stop, socket })
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/id", get(id))
+        .route("/v1/status", get(status))
+        .route("/v1/peers", get(peers))
+        .route("/v1/fetch", post(fetch))
+        .route("/v1/members/reload", post(reload))
+        .route("/v1/cli", post(cli))
+        .with_state(state)
+}
+
+async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let expected = state.token.as_deref().map(|t| format!("Bearer {t}"));
+    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match (expected, given) {
+        (Some(e), Some(g)) if constant_time_eq(e.as_bytes(), g.as_bytes()) => next.run(req).await,
+        _ => (StatusCode::UNAUTHORIZED, "bearer token required\n").into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unavailable() -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, "daemon loop unavailable\n").into_response()
+}
+
+async fn ask<T>(state: &AppState, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+    let (tx, rx) = oneshot::channel();
+    state.cmd.send(make(tx)).await.ok()?;
+    rx.await.ok()
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    match ask(&state, Command::Id).await {
+        Some(id) if !id.listen_addrs.is_empty() => "ready\n".into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "not listening yet\n").into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, &state.registry).is_err() {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n").into_response();
+    }
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+        .into_response()
+}
+
+async fn id(State(state): State<AppState>) -> Response {
+    match ask(&state, Command::Id).await {
+        Some(id) => axum::Json(id).into_response(),
+        None => unavailable(),
+    }
+}
+
+async fn status(State(state): State<AppState>) -> Response {
+    match ask(&state, Command::Status).await {
+        Some(v) => axum::Json(v).into_response(),
+        None => unavailable(),
+    }
+}
+
+async fn peers(State(state): State<AppState>) -> Response {
+    match ask(&state, Command::Peers).await {
+        Some(v) => axum::Json(v).into_response(),
+        None => unavailable(),
+    }
+}
+
+async fn reload(State(state): State<AppState>) -> Response {
+    match ask(&state, Command::ReloadMembers).await {
+        Some(Ok(n)) => axum::Json(serde_json::json!({"members": n})).into_response(),
+        Some(Err(e)) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+        None => unavailable(),
+    }
+}
+
+#[derive(Deserialize)]
+struct FetchBody {
+    root: String,
+}
+
+async fn fetch(State(state): State<AppState>, axum::Json(body): axum::Json<FetchBody>) -> Response {
+    let root = match body.root.parse::<mycel_chunker::Cid>() {
+        Ok(r) => r,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, format!("{:?}: {e}\n", body.root)).into_response();
+        }
+    };
+    let (tx, rx) = mpsc::channel::<FetchUpdate>(64);
+    if state.cmd.send(Command::Fetch { root, updates: tx }).await.is_err() {
+        return unavailable();
+    }
+    let stream = futures::stream::unfold((rx, false), |(mut rx, done)| async move {
+        if done {
+            return None;
+        }
+        let update = rx.recv().await?;
+        let finished = update.state != "fetching";
+        let mut line = serde_json::to_vec(&update).expect("update serialises");
+        line.push(b'\n');
+        Some((Ok::<Bytes, std::convert::Infallible>(Bytes::from(line)), (rx, finished)))
+    });
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"))],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct CliBody {
+    args: Vec<String>,
+}
+
+/// Exit code header of `/v1/cli` answers.
+pub const EXIT_HEADER: &str = "x-mycel-exit";
+/// Error message header of `/v1/cli` answers (percent-free ASCII).
+pub const ERROR_HEADER: &str = "x-mycel-error";
+
+async fn cli(State(state): State<AppState>, axum::Json(body): axum::Json<CliBody>) -> Response {
+    let store = state.store.clone();
+    let dir = state.dir.clone();
+    let is_add = body.args.iter().any(|a| a == "add");
+    let out =
+        tokio::task::spawn_blocking(move || crate::cli::run_in_daemon(body.args, dir, store)).await;
+    let Ok((code, stdout, error)) = out else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "command panicked\n").into_response();
+    };
+    if is_add && code == 0 {
+        let _ = state.cmd.send(Command::Announce).await;
+    }
+    let mut resp = Response::new(Body::from(stdout));
+    resp.headers_mut().insert(EXIT_HEADER, HeaderValue::from(u16::from(code)));
+    let safe: String = error
+        .chars()
+        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .take(2000)
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&safe) {
+        resp.headers_mut().insert(ERROR_HEADER, v);
+    }
+    resp
+}

@@ -1,0 +1,56 @@
+//! The daemon's Prometheus metrics; libp2p's own metrics share the registry.
+
+use std::sync::Arc;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Counters and gauges the daemon updates.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Block bytes served to peers.
+    pub bytes_sent: Counter,
+    /// Block bytes received from peers.
+    pub bytes_received: Counter,
+    /// Frames that were oversized or malformed (the stream was reset).
+    pub bad_frames: Counter,
+    /// Blocks that failed verification.
+    pub corrupt_blocks: Counter,
+    /// Peers disconnected for misbehaviour.
+    pub peers_disconnected: Counter,
+    /// Announcements published.
+    pub announcements: Counter,
+    /// Publishes that found no subscribed peer (retried).
+    pub publish_retries: Counter,
+    /// Connected peers.
+    pub peers_connected: Gauge,
+    /// Objects being fetched.
+    pub fetches_active: Gauge,
+}
+
+impl Metrics {
+    /// Registers every metric under `mycel_`.
+    pub fn register(registry: &mut Registry) -> Arc<Metrics> {
+        let m = Arc::new(Metrics::default());
+        let r = registry.sub_registry_with_prefix("mycel");
+        r.register("sent_bytes", "Block bytes served to peers", m.bytes_sent.clone());
+        r.register("received_bytes", "Block bytes received from peers", m.bytes_received.clone());
+        r.register("bad_frames", "Oversized or malformed frames", m.bad_frames.clone());
+        r.register("corrupt_blocks", "Blocks that failed verification", m.corrupt_blocks.clone());
+        r.register(
+            "peers_disconnected",
+            "Peers disconnected for misbehaviour",
+            m.peers_disconnected.clone(),
+        );
+        r.register("announcements", "Announcements published", m.announcements.clone());
+        r.register(
+            "publish_retries",
+            "Announcements retried for lack of subscribers",
+            m.publish_retries.clone(),
+        );
+        r.register("peers_connected", "Connected peers", m.peers_connected.clone());
+        r.register("fetches_active", "Objects being fetched", m.fetches_active.clone());
+        m
+    }
+}

@@ -164,6 +164,10 @@ enum Command {
         /// or run `mycel config reload`).
         #[arg(long)]
         member: Vec<String>,
+        /// Join a cluster with a token from `mycel cluster token create` (`mycel run` then
+        /// presents it to the managers).
+        #[arg(long)]
+        join: Option<String>,
     },
     /// Run the daemon: join the mesh, serve and fetch content, serve the admin API.
     Run {
@@ -231,6 +235,11 @@ enum Command {
     },
     /// Remove blocks no object reaches and compact mostly-empty packs.
     Gc,
+    /// The management quorum: init, tokens, members, leadership.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Configuration files.
     Config {
         #[command(subcommand)]
@@ -240,6 +249,74 @@ enum Command {
     Rm {
         /// The root CID.
         cid: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Make this node (its daemon must run) the first manager of a new cluster.
+    Init,
+    /// Join tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Members: id, role, zone, addresses, Raft state, connection.
+    Members,
+    /// Remove a member (it is disconnected and refused; to come back it must `init` again).
+    Remove {
+        /// Its PeerId.
+        peer: String,
+    },
+    /// Make a member a manager (it joins the quorum as learner, then voter).
+    Promote {
+        /// Its PeerId.
+        peer: String,
+    },
+    /// Make a manager an edge (it leaves the quorum).
+    Demote {
+        /// Its PeerId.
+        peer: String,
+    },
+    /// Leadership.
+    Leader {
+        #[command(subcommand)]
+        command: LeaderCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LeaderCommand {
+    /// Hand leadership to a voter (default: another voter). Run on the leader.
+    Transfer {
+        /// Raft id of the new leader.
+        id: Option<u64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Commit a new token and print it (the secret is shown once; only its hash is kept).
+    Create {
+        /// Role it admits: manager, edge or router.
+        #[arg(long, default_value = "edge")]
+        role: String,
+        /// Zone it assigns (default: this node's).
+        #[arg(long, default_value = "")]
+        zone: String,
+        /// Seconds it stays valid.
+        #[arg(long, default_value = "3600")]
+        ttl: u64,
+        /// How many nodes it admits.
+        #[arg(long, default_value = "1")]
+        uses: u32,
+    },
+    /// List tokens (ids, role, zone, expiry, uses left).
+    Ls,
+    /// Revoke a token by its id (from `ls`).
+    Revoke {
+        /// Token id (hex prefix of its hash).
+        id: String,
     },
 }
 
@@ -422,9 +499,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
 
 fn dispatch(ctx: &Ctx, command: Command) -> Result<(), Failure> {
     match command {
-        Command::Init { listen, bootstrap, zone, member } => {
-            init(ctx, InitOptions { listen, bootstrap, zone, members: member })
+        Command::Init { listen, bootstrap, zone, member, join } => {
+            init(ctx, InitOptions { listen, bootstrap, zone, members: member, join })
         }
+        Command::Cluster { command } => cluster_cmd(ctx, command),
         Command::Run { test_corrupt_serve } => run_daemon(ctx, test_corrupt_serve),
         Command::Id => id(ctx),
         Command::Status => daemon_get(ctx, "/v1/status"),
@@ -1049,5 +1127,93 @@ fn config_check(ctx: &Ctx, file: Option<PathBuf>) -> Result<(), Failure> {
     ctx.print(serde_json::to_value(&config).expect("serialises"), || {
         format!("{}: ok\n{text}", path.display())
     });
+    Ok(())
+}
+
+fn api_json(
+    ctx: &Ctx,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, Failure> {
+    let socket = ctx.dir.socket_path();
+    runtime()?.block_on(async {
+        let mut client = api::client::Client::connect(&socket).await.ok_or_else(|| {
+            Failure::new(EXIT_NO_DAEMON, "no daemon is running (start one with `mycel run`)")
+        })?;
+        client.json(method, path, body).await.map_err(|e| Failure::new(EXIT_FAILURE, e))
+    })
+}
+
+fn cluster_cmd(ctx: &Ctx, command: ClusterCommand) -> Result<(), Failure> {
+    let value = match command {
+        ClusterCommand::Init => api_json(ctx, "POST", "/v1/cluster/init", None)?,
+        ClusterCommand::Token { command: TokenCommand::Create { role, zone, ttl, uses } } => {
+            if mycel_consensus::command::Role::parse(&role).is_none() {
+                return Err(Failure::new(
+                    EXIT_INVALID,
+                    format!("unknown role {role:?} (manager, edge, router)"),
+                ));
+            }
+            let v = api_json(
+                ctx,
+                "POST",
+                "/v1/cluster/tokens",
+                Some(json!({"role": role, "zone": zone, "ttl_s": ttl, "uses": uses})),
+            )?;
+            if !ctx.json {
+                println!("{}", v["token"].as_str().unwrap_or_default());
+                return Ok(());
+            }
+            v
+        }
+        ClusterCommand::Token { command: TokenCommand::Ls } => {
+            let v = api_json(ctx, "GET", "/v1/cluster", None)?;
+            v["tokens"].clone()
+        }
+        ClusterCommand::Token { command: TokenCommand::Revoke { id } } => {
+            api_json(ctx, "POST", "/v1/cluster/tokens/revoke", Some(json!({"id": id})))?
+        }
+        ClusterCommand::Members => {
+            let v = api_json(ctx, "GET", "/v1/cluster", None)?;
+            if !ctx.json {
+                for m in v["members"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:>3} {:<8} {:<8} {:<10} {}  {}",
+                        m["raft_id"],
+                        m["role"].as_str().unwrap_or_default(),
+                        m["raft"].as_str().unwrap_or_default(),
+                        m["zone"].as_str().unwrap_or_default(),
+                        m["peer_id"].as_str().unwrap_or_default(),
+                        if m["connected"].as_bool() == Some(true) { "connected" } else { "-" }
+                    );
+                }
+                return Ok(());
+            }
+            v
+        }
+        ClusterCommand::Remove { peer } => {
+            api_json(ctx, "POST", "/v1/cluster/members/remove", Some(json!({"peer": peer})))?
+        }
+        ClusterCommand::Promote { peer } => api_json(
+            ctx,
+            "POST",
+            "/v1/cluster/members/role",
+            Some(json!({"peer": peer, "role": "manager"})),
+        )?,
+        ClusterCommand::Demote { peer } => api_json(
+            ctx,
+            "POST",
+            "/v1/cluster/members/role",
+            Some(json!({"peer": peer, "role": "edge"})),
+        )?,
+        ClusterCommand::Leader { command: LeaderCommand::Transfer { id } } => api_json(
+            ctx,
+            "POST",
+            "/v1/cluster/leader/transfer",
+            Some(json!({"id": id.unwrap_or(0)})),
+        )?,
+    };
+    ctx.print(value.clone(), || serde_json::to_string_pretty(&value).unwrap_or_default());
     Ok(())
 }

@@ -22,12 +22,17 @@ use mycel_proto::wire::{Announcement, Frame, Partial};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::cluster::raftlog::RedbLog;
+use crate::cluster::{self, ClusterFrame, Proposals, TokenText};
 use crate::datadir::{DataDir, NodeConfig};
 use crate::metrics::Metrics;
 use crate::net::exchange::{self, NetEvent, PeerLink, ServeCtx};
 use crate::net::limit::Limiter;
 use crate::net::{self, Behaviour, BehaviourEvent};
 use crate::store::{RootRecord, Store};
+use mycel_consensus::command::{Command as CCommand, Member, Role};
+use mycel_consensus::state::{ClusterState, Outcome};
+use mycel_consensus::{Core, Output as COutput};
 
 /// Why the daemon stopped.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +94,29 @@ pub enum Command {
     },
     /// Re-read `[cluster] members` from the config.
     ReloadMembers(oneshot::Sender<Result<usize, String>>),
+    /// Make this node the first manager of a new cluster.
+    ClusterInit(oneshot::Sender<Result<String, String>>),
+    /// Propose commands to the quorum; answered once applied.
+    Propose(Vec<CCommand>, cluster::ProposeReply),
+    /// The cluster view as JSON (members, raft roles, tokens).
+    ClusterView(oneshot::Sender<serde_json::Value>),
+    /// Make a join token; answered with its text once committed.
+    TokenCreate {
+        /// Role it admits.
+        role: Role,
+        /// Zone.
+        zone: String,
+        /// Seconds it stays valid.
+        ttl_s: u64,
+        /// Uses.
+        uses: u32,
+        /// The answer.
+        reply: oneshot::Sender<Result<serde_json::Value, String>>,
+    },
+    /// Revoke the token whose hash starts with this hex prefix.
+    TokenRevoke(String, cluster::ProposeReply),
+    /// Hand leadership to a manager (0: the best other one).
+    LeaderTransfer(u64, oneshot::Sender<Result<u64, String>>),
 }
 
 /// Options of `mycel run` beyond the config file.
@@ -132,6 +160,7 @@ struct Daemon {
     links: BTreeMap<PeerId, PeerLink>,
     connected: BTreeMap<PeerId, PeerInfo>,
     members: Arc<RwLock<BTreeSet<PeerId>>>,
+    policy: Arc<RwLock<net::gate::Policy>>,
     bootstrap: Vec<(PeerId, Multiaddr)>,
     announcer: Announcer,
     directory: Directory,
@@ -148,6 +177,22 @@ struct Daemon {
     started: Instant,
     listen_addrs: Vec<Multiaddr>,
     next_housekeeping: Instant,
+    /// The consensus core, on managers.
+    core: Option<Core<RedbLog>>,
+    /// The Raft log's meta table (Raft id, followed state), when in a cluster.
+    raft_meta: Option<RedbLog>,
+    /// The configuration as followed from managers (members that are not managers).
+    followed: ClusterState,
+    clinks: BTreeMap<PeerId, cluster::Link>,
+    cluster_tx: mpsc::Sender<cluster::Inbound>,
+    proposals: Proposals,
+    /// Forwarded proposals: req -> (seq, bytes, sent, target).
+    forwarded_at: BTreeMap<u64, Instant>,
+    joining: Option<TokenText>,
+    next_follow: Instant,
+    awaiting_state: Option<Cid>,
+    /// Raft id -> PeerId, learned from messages (a new manager's log may not list members yet).
+    raft_peers: BTreeMap<u64, PeerId>,
 }
 
 fn now(started: Instant) -> Timestamp {
@@ -168,12 +213,12 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
     let store = Arc::new(Store::open(&dir.store_path()).map_err(|e| setup(&e))?);
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut registry);
-    let mut swarm = net::build_swarm(keypair, &mut registry).map_err(|e| setup(&e))?;
+    let policy = Arc::new(RwLock::new(net::gate::Policy::default()));
+    let mut swarm =
+        net::build_swarm(keypair, &mut registry, policy.clone()).map_err(|e| setup(&e))?;
     let p2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
     let members = Arc::new(RwLock::new(parse_members(&config, me).map_err(|e| setup(&e))?));
-    for m in members.read().expect("members lock").iter() {
-        swarm.behaviour_mut().gate.allow_peer(*m);
-    }
+    policy.write().expect("gate lock").allowed = members.read().expect("members lock").clone();
     for addr in &config.node.listen {
         let ma: Multiaddr = addr.parse().map_err(|e| setup(&format!("listen {addr}: {e}")))?;
         swarm.listen_on(ma).map_err(|e| setup(&format!("listen {addr}: {e}")))?;
@@ -192,6 +237,8 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
     let mut incoming = control.accept(net::EXCHANGE).map_err(|e| setup(&e))?;
 
     let (net_tx, mut net_rx) = mpsc::channel::<NetEvent>(4096);
+    let (cluster_tx, mut cluster_rx) = mpsc::channel::<cluster::Inbound>(4096);
+    let mut cluster_incoming = control.accept(cluster::CLUSTER).map_err(|e| setup(&e))?;
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(256);
     let (store_tx, store_rx) = std_mpsc::sync_channel::<StoreJob>(256);
     let (done_tx, mut done_rx) = mpsc::channel::<StoreDone>(256);
@@ -235,6 +282,7 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
         links: BTreeMap::new(),
         connected: BTreeMap::new(),
         members,
+        policy,
         bootstrap,
         jobs: BTreeMap::new(),
         reqs: BTreeMap::new(),
@@ -247,7 +295,19 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
         started,
         listen_addrs: Vec::new(),
         next_housekeeping: Instant::now(),
+        core: None,
+        raft_meta: None,
+        followed: ClusterState::default(),
+        clinks: BTreeMap::new(),
+        cluster_tx,
+        proposals: Proposals::default(),
+        forwarded_at: BTreeMap::new(),
+        joining: None,
+        next_follow: Instant::now(),
+        awaiting_state: None,
+        raft_peers: BTreeMap::new(),
     };
+    d.start_cluster().map_err(|e| setup(&e))?;
     tracing::info!(peer_id = %d.me, zone = %d.config.node.zone, "mycel daemon starting");
     d.dial_bootstrap();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -261,6 +321,10 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
             Some(ev) = net_rx.recv() => d.on_net(ev),
             Some(cmd) = cmd_rx.recv() => d.on_command(cmd),
             Some(done) = done_rx.recv() => d.on_store_done(done),
+            Some(inbound) = cluster_rx.recv() => d.on_cluster(inbound),
+            Some((peer, stream)) = cluster_incoming.next() => {
+                tokio::spawn(cluster::serve(stream, peer, d.cluster_tx.clone()));
+            }
             Some((peer, stream)) = incoming.next() => {
                 if d.members.read().expect("members lock").contains(&peer) {
                     tokio::spawn(exchange::serve(stream, peer, serve_ctx.clone()));
@@ -306,6 +370,9 @@ impl Daemon {
             }
         };
         consider(self.announcer.poll_timeout());
+        if let Some(core) = &self.core {
+            consider(Timestamp(core.poll_timeout().0));
+        }
         for job in self.jobs.values() {
             if let Some(t) = job.fetch.poll_timeout() {
                 consider(t);
@@ -320,16 +387,11 @@ impl Daemon {
 
     fn reload_members(&mut self) -> Result<usize, String> {
         let config = self.dir.config().map_err(|e| e.to_string())?;
-        let new = parse_members(&config, self.me)?;
-        let old = std::mem::replace(&mut *self.members.write().expect("members lock"), new.clone());
-        for p in old.difference(&new) {
-            self.swarm.behaviour_mut().gate.disallow_peer(*p);
-            let _ = self.swarm.disconnect_peer_id(*p);
-        }
-        for p in new.difference(&old) {
-            self.swarm.behaviour_mut().gate.allow_peer(*p);
-        }
+        let mut new = parse_members(&config, self.me)?;
+        new.extend(crate::cluster::member_peers(self.cluster_state()));
+        let old = self.members.read().expect("members lock").clone();
         self.config.cluster = config.cluster;
+        self.apply_members(new.clone(), &old);
         self.config.node.bootstrap = config.node.bootstrap;
         tracing::info!(members = new.len(), "members reloaded");
         self.dial_bootstrap();
@@ -589,6 +651,54 @@ impl Daemon {
                 let _ = reply.send(self.reload_members());
             }
             Command::Fetch { root, updates } => self.start_fetch(root, updates),
+            Command::ClusterInit(reply) => self.cluster_init(reply),
+            Command::Propose(commands, reply) => self.propose(commands, reply),
+            Command::ClusterView(reply) => {
+                let _ = reply.send(self.cluster_view());
+            }
+            Command::TokenCreate { role, zone, ttl_s, uses, reply } => {
+                self.token_create(role, zone, ttl_s, uses, reply);
+            }
+            Command::TokenRevoke(prefix, reply) => {
+                let matches: Vec<[u8; 32]> = self
+                    .cluster_state()
+                    .tokens
+                    .keys()
+                    .filter(|h| {
+                        h.iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect::<String>()
+                            .starts_with(&prefix)
+                    })
+                    .copied()
+                    .collect();
+                if matches.len() == 1 && !prefix.is_empty() {
+                    self.propose(vec![CCommand::RevokeToken { hash: matches[0] }], reply);
+                } else {
+                    let _ = reply.send(Err(format!("{} tokens match {prefix:?}", matches.len())));
+                }
+            }
+            Command::LeaderTransfer(to, reply) => {
+                let r = match self.core.as_mut() {
+                    Some(core) if core.is_leader() => {
+                        let (voters, _) = core.conf();
+                        let target = if to != 0 {
+                            to
+                        } else {
+                            voters.iter().copied().find(|v| *v != core.id()).unwrap_or(0)
+                        };
+                        if target == 0 || !voters.contains(&target) {
+                            Err(format!("{target} is not a voter"))
+                        } else {
+                            core.transfer_leader(target);
+                            Ok(target)
+                        }
+                    }
+                    Some(core) => Err(format!("not the leader; the leader is {}", core.leader())),
+                    None => Err("this node is not a manager".into()),
+                };
+                let _ = reply.send(r);
+            }
         }
     }
 
@@ -684,6 +794,20 @@ impl Daemon {
 
     fn on_store_done(&mut self, done: StoreDone) {
         match done {
+            StoreDone::Complete(root) if self.awaiting_state == Some(root) => {
+                self.awaiting_state = None;
+                self.jobs.remove(&root);
+                let bytes = crate::restore::read_object(&self.store, &root);
+                match (bytes, self.core.as_mut()) {
+                    (Ok(b), Some(core)) => {
+                        if let Err(e) = core.handle_snapshot_state(root, &b) {
+                            self.fatal(&e.to_string());
+                        }
+                    }
+                    (Err(e), _) => tracing::warn!("reading snapshot state {root}: {e}"),
+                    _ => {}
+                }
+            }
             StoreDone::Complete(root) => {
                 if let Some(job) = self.jobs.remove(&root) {
                     let update = self.update_of(&job, "complete", None);
@@ -708,6 +832,13 @@ impl Daemon {
 
     fn on_timer(&mut self) {
         let now = self.ts();
+        if let Some(core) = self.core.as_mut()
+            && core.poll_timeout().0 <= now.0
+            && let Err(e) = core.handle_timeout(mycel_consensus::Timestamp(now.0))
+        {
+            self.fatal(&e.to_string());
+        }
+        self.cluster_housekeeping();
         for job in self.jobs.values_mut() {
             if job.fetch.poll_timeout().is_some_and(|t| t <= now) {
                 job.fetch.handle_timeout(now);
@@ -777,6 +908,7 @@ impl Daemon {
 
     /// Runs every fetch core until it has nothing more to do right now.
     fn drive(&mut self) {
+        self.drive_cluster();
         let now = self.ts();
         let roots: Vec<Cid> = self.jobs.keys().copied().collect();
         for root in roots {
@@ -932,5 +1064,665 @@ fn store_worker(store: &Store, rx: &std_mpsc::Receiver<StoreJob>, done: &mpsc::S
                 let _ = done.blocking_send(StoreDone::Error(e.to_string()));
             }
         }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Daemon {
+    /// The committed configuration this node knows.
+    fn cluster_state(&self) -> &ClusterState {
+        // A new manager's log starts empty: until it catches up, the configuration it
+        // followed as a member is the newer one.
+        match &self.core {
+            Some(c) if c.state().applied_index >= self.followed.applied_index => c.state(),
+            _ => &self.followed,
+        }
+    }
+
+    fn in_cluster(&self) -> bool {
+        self.cluster_state().cluster_id.is_some()
+    }
+
+    fn fatal(&mut self, why: &str) {
+        // A failed fsync of the Raft log: what was acknowledged may be lost. Fail-stop.
+        tracing::error!("fatal: {why}; stopping");
+        std::process::exit(crate::cli::EXIT_STORE.into());
+    }
+
+    fn raft_log_path(&self) -> std::path::PathBuf {
+        self.dir.path.join("raft.redb")
+    }
+
+    /// Resumes cluster membership from disk, or starts a pending join.
+    fn start_cluster(&mut self) -> Result<(), String> {
+        let path = self.raft_log_path();
+        if path.exists() {
+            let log = RedbLog::open(&path)?;
+            if let Some(b) = log.get_meta("followed_state")?
+                && let Ok(s) = ClusterState::decode(&b)
+            {
+                self.followed = s;
+            }
+            let raft_id =
+                log.get_meta("raft_id")?.and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+            self.raft_meta = Some(RedbLog::open_shared(&log));
+            if let Some(id) = raft_id {
+                self.start_core(id, log, Vec::new())?;
+            }
+        }
+        if !self.config.cluster.join.is_empty() && !self.is_cluster_member() {
+            let token = TokenText::parse(&self.config.cluster.join)?;
+            for a in &token.addrs {
+                if let Ok(ma) = a.parse::<Multiaddr>()
+                    && let Some(libp2p::multiaddr::Protocol::P2p(p)) = ma.iter().last()
+                {
+                    self.bootstrap.push((p, ma.clone()));
+                    self.members.write().expect("members lock").insert(p);
+                }
+            }
+            self.joining = Some(token);
+        }
+        self.refresh_members();
+        Ok(())
+    }
+
+    fn is_cluster_member(&self) -> bool {
+        self.cluster_state().members.contains_key(&self.me.to_bytes())
+    }
+
+    fn start_core(&mut self, id: u64, log: RedbLog, bootstrap: Vec<u64>) -> Result<(), String> {
+        let config = mycel_consensus::Config {
+            id,
+            tick_ms: self.config.cluster.tick_ms,
+            election_ticks: self.config.cluster.election_ticks,
+            heartbeat_ticks: 1,
+            seed: u64::from_le_bytes(
+                self.me.to_bytes()[self.me.to_bytes().len() - 8..].try_into().expect("8"),
+            ),
+            snapshot_entries: 10_000,
+        };
+        let core = Core::new(config, log, bootstrap, mycel_consensus::Timestamp(self.ts().0))
+            .map_err(|e| e.to_string())?;
+        tracing::info!(raft_id = id, "consensus core started");
+        self.core = Some(core);
+        // Managers let joiners connect; their protocols refuse non-members.
+        self.policy.write().expect("gate lock").open = true;
+        Ok(())
+    }
+
+    fn cluster_init(&mut self, reply: oneshot::Sender<Result<String, String>>) {
+        if self.core.is_some() || self.in_cluster() || self.is_cluster_member() {
+            let _ = reply.send(Err("this node is already in a cluster".into()));
+            return;
+        }
+        let log = match RedbLog::open(&self.raft_log_path()) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if let Err(e) = log.set_meta("raft_id", &1u64.to_le_bytes()) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        self.raft_meta = Some(RedbLog::open_shared(&log));
+        if let Err(e) = self.start_core(1, log, vec![1]) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        if let Some(core) = self.core.as_mut() {
+            core.campaign();
+        }
+        let mut cluster_id = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut cluster_id);
+        let me = self.my_member(Role::Manager);
+        let (tx, rx) = oneshot::channel();
+        self.propose(vec![CCommand::InitCluster { cluster_id }, CCommand::AddMember(me)], tx);
+        let hexid: String = cluster_id.iter().map(|b| format!("{b:02x}")).collect();
+        tokio::spawn(async move {
+            let r = match rx.await {
+                Ok(Ok((_, Outcome::Applied))) => Ok(hexid),
+                Ok(Ok((_, Outcome::Rejected(why)))) => Err(why),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err("the daemon stopped".into()),
+            };
+            let _ = reply.send(r);
+        });
+    }
+
+    fn my_member(&self, role: Role) -> Member {
+        Member {
+            peer: self.me.to_bytes(),
+            raft_id: 0,
+            role,
+            zone: self.config.node.zone.clone(),
+            tags: self.config.cluster.tags.clone(),
+            capacity_bytes: 0,
+            addrs: self.id_info().listen_addrs,
+        }
+    }
+
+    fn token_create(
+        &mut self,
+        role: Role,
+        zone: String,
+        ttl_s: u64,
+        uses: u32,
+        reply: oneshot::Sender<Result<serde_json::Value, String>>,
+    ) {
+        let Some(cluster_id) = self.cluster_state().cluster_id else {
+            let _ = reply.send(Err(
+                "this node is not in a cluster (run `mycel cluster init` on the first manager)"
+                    .into(),
+            ));
+            return;
+        };
+        let mut secret = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+        let hash = *blake3::hash(&secret).as_bytes();
+        let expires_ms = unix_ms() + ttl_s * 1000;
+        let zone = if zone.is_empty() { self.config.node.zone.clone() } else { zone };
+        let mut addrs: Vec<String> = self
+            .cluster_state()
+            .members
+            .values()
+            .filter(|m| m.role == Role::Manager)
+            .flat_map(|m| m.addrs.iter().take(2).cloned())
+            .collect();
+        if addrs.is_empty() {
+            addrs = self.id_info().listen_addrs;
+        }
+        let token = TokenText { secret, cluster_id, addrs }.render();
+        let (tx, rx) = oneshot::channel();
+        self.propose(
+            vec![CCommand::CreateToken { hash, role, zone: zone.clone(), expires_ms, uses }],
+            tx,
+        );
+        let hash_hex: String = hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        tokio::spawn(async move {
+            let r = match rx.await {
+                Ok(Ok((_, Outcome::Applied))) => {
+                    Ok(serde_json::json!({"token": token, "id": hash_hex,
+                    "role": role.as_str(), "zone": zone, "expires_ms": expires_ms, "uses": uses}))
+                }
+                Ok(Ok((_, Outcome::Rejected(why)))) => Err(why),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err("the daemon stopped".into()),
+            };
+            let _ = reply.send(r);
+        });
+    }
+
+    /// Proposes commands: directly if this node leads, else to the leader (or any manager,
+    /// which answers with who leads). Retried until applied; (PeerId, seq) deduplicates.
+    fn propose(&mut self, commands: Vec<CCommand>, reply: cluster::ProposeReply) {
+        let seq = self.proposals.next_seq(unix_ms());
+        let bytes = cluster::proposal(&self.me, seq, commands);
+        self.proposals.local.insert(seq, reply);
+        self.send_proposal(seq, bytes);
+    }
+
+    fn send_proposal(&mut self, seq: u64, bytes: Vec<u8>) {
+        if let Some(core) = self.core.as_mut() {
+            match core.propose(bytes.clone()) {
+                Ok(()) => return,
+                Err(mycel_consensus::ProposeError::NotLeader(_)) => {}
+                Err(e) => {
+                    if let Some(w) = self.proposals.local.remove(&seq) {
+                        let _ = w.send(Err(e.to_string()));
+                    }
+                    return;
+                }
+            }
+        }
+        let req = self.next_req;
+        self.next_req += 1;
+        self.proposals.forwarded.insert(req, (seq, bytes.clone()));
+        self.forwarded_at.insert(req, Instant::now());
+        if let Some(target) = self.proposal_target() {
+            let link = self.clink(target);
+            link.send(ClusterFrame::Propose { req, proposal: bytes });
+        }
+    }
+
+    /// Whom to send a proposal: the leader if known, else a connected manager, else a
+    /// bootstrap peer.
+    fn proposal_target(&self) -> Option<PeerId> {
+        let state = self.cluster_state();
+        if let Some(core) = &self.core
+            && let Some(m) = state.member_by_raft_id(core.leader())
+            && let Ok(p) = PeerId::from_bytes(&m.peer)
+            && p != self.me
+        {
+            return Some(p);
+        }
+        let managers: Vec<PeerId> = state
+            .members
+            .values()
+            .filter(|m| m.role == Role::Manager)
+            .filter_map(|m| PeerId::from_bytes(&m.peer).ok())
+            .filter(|p| *p != self.me && self.connected.contains_key(p))
+            .collect();
+        if let Some(p) = managers.first() {
+            return Some(*p);
+        }
+        self.bootstrap.iter().map(|(p, _)| *p).find(|p| self.connected.contains_key(p))
+    }
+
+    fn clink(&mut self, peer: PeerId) -> cluster::Link {
+        if let Some(l) = self.clinks.get(&peer)
+            && !l.is_closed()
+        {
+            return l.clone();
+        }
+        let l = cluster::spawn_link(self.control.clone(), peer, self.cluster_tx.clone());
+        self.clinks.insert(peer, l.clone());
+        l
+    }
+
+    fn resolve_local(&mut self, seq: u64, result: Result<(u64, Outcome), String>) {
+        if let Some(w) = self.proposals.local.remove(&seq) {
+            let _ = w.send(result);
+        }
+        let reqs: Vec<u64> = self
+            .proposals
+            .forwarded
+            .iter()
+            .filter(|(_, (s, _))| *s == seq)
+            .map(|(r, _)| *r)
+            .collect();
+        for r in reqs {
+            self.proposals.forwarded.remove(&r);
+            self.forwarded_at.remove(&r);
+        }
+    }
+
+    fn on_cluster(&mut self, inbound: cluster::Inbound) {
+        let cluster::Inbound { peer, frame, reply } = inbound;
+        let member = self.is_member(&peer);
+        match frame {
+            ClusterFrame::Raft { msg, from } => {
+                if !member {
+                    tracing::debug!(%peer, from, "raft message from a non-member dropped");
+                    return;
+                }
+                self.raft_peers.insert(from, peer);
+                if let Some(core) = self.core.as_mut()
+                    && let Err(e) = core.step(&msg)
+                {
+                    self.fatal(&e.to_string());
+                }
+            }
+            ClusterFrame::Propose { req, proposal } => {
+                let Ok(p) = mycel_consensus::command::Proposal::decode(&proposal) else { return };
+                let join_only =
+                    p.commands.len() == 1 && matches!(p.commands[0], CCommand::Join { .. });
+                if !member && !join_only {
+                    let _ = reply.try_send(ClusterFrame::Proposed {
+                        req,
+                        index: 0,
+                        applied: false,
+                        reason: "not a member".into(),
+                    });
+                    return;
+                }
+                if p.from != peer.to_bytes() {
+                    let _ = reply.try_send(ClusterFrame::Proposed {
+                        req,
+                        index: 0,
+                        applied: false,
+                        reason: "proposal signed for another node".into(),
+                    });
+                    return;
+                }
+                let leader = match self.core.as_mut() {
+                    Some(core) => match core.propose(proposal) {
+                        Ok(()) => {
+                            self.proposals.remote.insert((p.from, p.seq), (req, reply));
+                            return;
+                        }
+                        Err(_) => core.leader(),
+                    },
+                    None => 0,
+                };
+                let leader_peer = self
+                    .cluster_state()
+                    .member_by_raft_id(leader)
+                    .map(|m| m.peer.clone())
+                    .unwrap_or_default();
+                let _ = reply.try_send(ClusterFrame::NotLeader { req, leader: leader_peer });
+            }
+            ClusterFrame::Proposed { req, index, applied, reason } => {
+                if let Some((seq, _)) = self.proposals.forwarded.get(&req).cloned() {
+                    let outcome =
+                        if applied { Outcome::Applied } else { Outcome::Rejected(reason) };
+                    self.resolve_local(seq, Ok((index, outcome)));
+                }
+            }
+            ClusterFrame::NotLeader { req, leader } => {
+                let Some((_, bytes)) = self.proposals.forwarded.get(&req).cloned() else { return };
+                if let Ok(l) = PeerId::from_bytes(&leader)
+                    && l != peer
+                {
+                    self.forwarded_at.insert(req, Instant::now());
+                    let link = self.clink(l);
+                    link.send(ClusterFrame::Propose { req, proposal: bytes });
+                }
+                // Otherwise the retry timer tries again once a leader is known.
+            }
+            ClusterFrame::Follow { since } => {
+                if !member {
+                    return;
+                }
+                let state = self.cluster_state();
+                let frame = if state.applied_index > since && state.cluster_id.is_some() {
+                    ClusterFrame::State { applied: state.applied_index, state: state.encode() }
+                } else {
+                    ClusterFrame::State { applied: state.applied_index, state: Vec::new() }
+                };
+                let _ = reply.try_send(frame);
+            }
+            ClusterFrame::State { applied, state } => {
+                if self.core.is_some() || state.is_empty() || applied <= self.followed.applied_index
+                {
+                    return;
+                }
+                if let Ok(s) = ClusterState::decode(&state) {
+                    self.followed = s;
+                    if let Some(meta) = &self.raft_meta {
+                        let _ = meta.set_meta("followed_state", &state);
+                    }
+                    self.on_state_changed();
+                }
+            }
+        }
+    }
+
+    /// Members changed: update the gate, and start the core if this node became a manager.
+    fn on_state_changed(&mut self) {
+        self.refresh_members();
+        if self.core.is_none()
+            && let Some(me) = self.cluster_state().members.get(&self.me.to_bytes()).cloned()
+        {
+            self.joining = None;
+            if me.role == Role::Manager {
+                let opened = RedbLog::open(&self.raft_log_path()).and_then(|log| {
+                    log.set_meta("raft_id", &me.raft_id.to_le_bytes())?;
+                    Ok(log)
+                });
+                match opened.and_then(|log| {
+                    self.raft_meta = Some(RedbLog::open_shared(&log));
+                    self.start_core(me.raft_id, log, Vec::new())
+                }) {
+                    Ok(()) => {}
+                    Err(e) => tracing::error!("starting the consensus core: {e}"),
+                }
+            } else if self.raft_meta.is_none() {
+                match RedbLog::open(&self.raft_log_path()) {
+                    Ok(log) => self.raft_meta = Some(log),
+                    Err(e) => tracing::warn!("opening the cluster log: {e}"),
+                }
+                if let Some(meta) = &self.raft_meta {
+                    let _ = meta.set_meta("followed_state", &self.followed.encode());
+                }
+            }
+        }
+    }
+
+    /// The gate follows the committed members (plus the static list), and removed members
+    /// are refused.
+    fn refresh_members(&mut self) {
+        let mut new = parse_members(&self.config, self.me).unwrap_or_default();
+        new.extend(cluster::member_peers(self.cluster_state()));
+        if let Some(t) = &self.joining {
+            for a in &t.addrs {
+                if let Ok(ma) = a.parse::<Multiaddr>()
+                    && let Some(libp2p::multiaddr::Protocol::P2p(p)) = ma.iter().last()
+                {
+                    new.insert(p);
+                }
+            }
+        }
+        let old = self.members.read().expect("members lock").clone();
+        self.apply_members(new, &old);
+        let removed: Vec<PeerId> = self
+            .cluster_state()
+            .removed
+            .iter()
+            .filter_map(|b| PeerId::from_bytes(b).ok())
+            .collect();
+        for p in removed {
+            self.policy.write().expect("gate lock").blocked.insert(p);
+            if self.connected.contains_key(&p) {
+                let _ = self.swarm.disconnect_peer_id(p);
+            }
+        }
+        // Learn members' addresses, so Raft messages and fetches can reach them.
+        let addrs: Vec<(PeerId, Vec<String>)> = self
+            .cluster_state()
+            .members
+            .values()
+            .filter_map(|m| PeerId::from_bytes(&m.peer).ok().map(|p| (p, m.addrs.clone())))
+            .collect();
+        for (p, list) in addrs {
+            if p == self.me {
+                continue;
+            }
+            for a in list {
+                if let Ok(ma) = a.parse::<Multiaddr>() {
+                    self.swarm.add_peer_address(p, ma);
+                }
+            }
+        }
+    }
+
+    fn apply_members(&mut self, new: BTreeSet<PeerId>, old: &BTreeSet<PeerId>) {
+        *self.members.write().expect("members lock") = new.clone();
+        let open = {
+            let mut policy = self.policy.write().expect("gate lock");
+            policy.allowed = new.clone();
+            policy.open
+        };
+        for p in old.difference(&new) {
+            if !open {
+                let _ = self.swarm.disconnect_peer_id(*p);
+            }
+        }
+    }
+
+    fn cluster_housekeeping(&mut self) {
+        let now = Instant::now();
+        // Retry forwarded proposals (dedup by (PeerId, seq) makes this safe).
+        let stale: Vec<u64> = self
+            .forwarded_at
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) > Duration::from_millis(1500))
+            .map(|(r, _)| *r)
+            .collect();
+        for req in stale {
+            let Some((seq, bytes)) = self.proposals.forwarded.remove(&req) else {
+                self.forwarded_at.remove(&req);
+                continue;
+            };
+            self.forwarded_at.remove(&req);
+            self.send_proposal(seq, bytes);
+        }
+        if now < self.next_follow {
+            return;
+        }
+        self.next_follow = now + Duration::from_millis(500);
+        // A pending join: present the token.
+        if let Some(token) = self.joining.clone()
+            && self.proposals.local.is_empty()
+            && let Some(target) = self.proposal_target()
+        {
+            let _ = target;
+            let (tx, rx) = oneshot::channel();
+            let me = self.my_member(Role::Edge);
+            self.propose(
+                vec![CCommand::Join {
+                    secret: token.secret,
+                    peer: me.peer,
+                    addrs: me.addrs,
+                    tags: me.tags,
+                    capacity_bytes: 0,
+                    now_ms: unix_ms(),
+                }],
+                tx,
+            );
+            tokio::spawn(async move {
+                match rx.await {
+                    Ok(Ok((_, Outcome::Applied))) => tracing::info!("joined the cluster"),
+                    Ok(Ok((_, Outcome::Rejected(why)))) => tracing::error!("join refused: {why}"),
+                    Ok(Err(e)) => tracing::warn!("join: {e}"),
+                    Err(_) => {}
+                }
+            });
+        }
+        // Members that are not managers follow the configuration from a manager.
+        if self.core.is_none() && (self.in_cluster() || self.joining.is_some()) {
+            let since = self.followed.applied_index;
+            if let Some(target) = self.proposal_target() {
+                let link = self.clink(target);
+                link.send(ClusterFrame::Follow { since });
+            }
+        }
+    }
+
+    fn drive_cluster(&mut self) {
+        let mut changed = false;
+        while let Some(out) = self.core.as_mut().and_then(Core::poll_output) {
+            match out {
+                COutput::Send { to, msg } => {
+                    let peer = self
+                        .cluster_state()
+                        .member_by_raft_id(to)
+                        .or_else(|| self.followed.member_by_raft_id(to))
+                        .and_then(|m| PeerId::from_bytes(&m.peer).ok())
+                        .or_else(|| self.raft_peers.get(&to).copied());
+                    let from = self.core.as_ref().map_or(0, Core::id);
+                    match peer {
+                        Some(p) if p != self.me => {
+                            let link = self.clink(p);
+                            if !link.send(ClusterFrame::Raft { from, msg }) {
+                                self.clinks.remove(&p);
+                                if let Some(core) = self.core.as_mut() {
+                                    core.report_unreachable(to);
+                                }
+                            }
+                        }
+                        _ => {
+                            tracing::debug!(to, "no peer known for raft id");
+                            if let Some(core) = self.core.as_mut() {
+                                core.report_unreachable(to);
+                            }
+                        }
+                    }
+                }
+                COutput::Applied { index, from, seq, outcome } => {
+                    changed = true;
+                    if from == self.me.to_bytes() {
+                        self.resolve_local(seq, Ok((index, outcome.clone())));
+                    }
+                    if let Some((req, reply)) = self.proposals.remote.remove(&(from, seq)) {
+                        let (applied, reason) = match &outcome {
+                            Outcome::Applied => (true, String::new()),
+                            Outcome::Rejected(r) => (false, r.clone()),
+                        };
+                        let _ =
+                            reply.try_send(ClusterFrame::Proposed { req, index, applied, reason });
+                    }
+                }
+                COutput::RoleChanged { term, leader, leading } => {
+                    tracing::info!(term, leader, leading, "raft role changed");
+                    changed = true;
+                }
+                COutput::ReadReady { .. } => {}
+                COutput::StoreBlocks(blocks) => {
+                    let root = blocks.last().map(|b| b.0);
+                    for (cid, bytes) in blocks {
+                        let _ = self.store_tx.send(StoreJob::Block { cid, bytes });
+                    }
+                    if let Some(root) = root {
+                        let record = RootRecord {
+                            kind: "file".into(),
+                            len: 0,
+                            chunks: 0,
+                            hole_bytes: 0,
+                            added_ms: unix_ms(),
+                            name: "cluster-state".into(),
+                            source: None,
+                        };
+                        let _ = self.store_tx.send(StoreJob::Root { root, record });
+                    }
+                }
+                COutput::NeedState(cid) => {
+                    self.awaiting_state = Some(cid);
+                    let (tx, _rx) = mpsc::channel(1);
+                    self.start_fetch(cid, tx);
+                }
+            }
+        }
+        if changed {
+            self.on_state_changed();
+        }
+    }
+
+    fn cluster_view(&self) -> serde_json::Value {
+        let state = self.cluster_state();
+        let (voters, learners, leader) = match &self.core {
+            Some(c) => {
+                let (v, l) = c.conf();
+                (v, l, c.leader())
+            }
+            None => (Vec::new(), Vec::new(), 0),
+        };
+        let members: Vec<serde_json::Value> = state
+            .members
+            .values()
+            .map(|m| {
+                let peer = PeerId::from_bytes(&m.peer).map(|p| p.to_string()).unwrap_or_default();
+                let raft = if self.core.is_none() {
+                    "unknown"
+                } else if m.raft_id == leader {
+                    "leader"
+                } else if voters.contains(&m.raft_id) {
+                    "voter"
+                } else if learners.contains(&m.raft_id) {
+                    "learner"
+                } else {
+                    "none"
+                };
+                let connected = PeerId::from_bytes(&m.peer).map(|p| p == self.me || self.connected.contains_key(&p)).unwrap_or(false);
+                serde_json::json!({"peer_id": peer, "raft_id": m.raft_id, "role": m.role.as_str(),
+                    "zone": m.zone, "tags": m.tags, "addrs": m.addrs, "raft": raft, "connected": connected})
+            })
+            .collect();
+        let tokens: Vec<serde_json::Value> = state
+            .tokens
+            .iter()
+            .map(|(h, t)| {
+                let id: String = h.iter().take(8).map(|b| format!("{b:02x}")).collect();
+                serde_json::json!({"id": id, "role": t.role.as_str(), "zone": t.zone, "expires_ms": t.expires_ms, "uses": t.uses})
+            })
+            .collect();
+        serde_json::json!({
+            "cluster_id": state.cluster_id.map(|c| c.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+            "applied_index": state.applied_index,
+            "leader": leader,
+            "term": self.core.as_ref().map(Core::term),
+            "this_node": self.me.to_string(),
+            "manager": self.core.is_some(),
+            "members": members,
+            "tokens": tokens,
+            "pins": state.pins.len(),
+            "digest": state.digest().iter().take(8).map(|b| format!("{b:02x}")).collect::<String>(),
+        })
     }
 }

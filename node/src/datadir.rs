@@ -112,11 +112,31 @@ impl Default for NodeSection {
 
 /// `[cluster]`: membership. Until the quorum manages membership, the members are listed here;
 /// a peer not listed can neither connect nor ask for anything.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterSection {
-    /// PeerIds allowed to connect (this node is always allowed).
+    /// PeerIds allowed to connect (this node is always allowed), beside committed members.
     pub members: Vec<String>,
+    /// A join token to present to the cluster's managers (set by `init --join`).
+    pub join: String,
+    /// This node's tags (`manager-eligible`, ...).
+    pub tags: Vec<String>,
+    /// Milliseconds per Raft tick.
+    pub tick_ms: u64,
+    /// Ticks before a follower without a leader starts an election.
+    pub election_ticks: usize,
+}
+
+impl Default for ClusterSection {
+    fn default() -> ClusterSection {
+        ClusterSection {
+            members: Vec::new(),
+            join: String::new(),
+            tags: Vec::new(),
+            tick_ms: 100,
+            election_ticks: 10,
+        }
+    }
 }
 
 /// `[api]`: the admin API. It always listens on `mycel.sock` in the data directory (mode
@@ -196,8 +216,16 @@ download_bytes_per_sec = 0
 request_timeout_ms = 10000
 
 [cluster]
-# PeerIds allowed to connect and fetch. Nobody else gets a byte of content.
+# PeerIds allowed to connect and fetch, beside the members the quorum commits.
+# Nobody else gets a byte of content.
 members = []
+# A join token (`mycel init --join TOKEN` sets it).
+join = ""
+# This node's tags, e.g. ["manager-eligible"].
+tags = []
+# Raft timing: milliseconds per tick, and ticks before an election.
+tick_ms = 100
+election_ticks = 10
 
 [api]
 # The admin API listens on mycel.sock in the data directory (mode 0600). Set tcp to also
@@ -230,6 +258,8 @@ pub struct InitOptions {
     pub zone: Option<String>,
     /// `[cluster] members`.
     pub members: Vec<String>,
+    /// `[cluster] join`.
+    pub join: Option<String>,
 }
 
 fn toml_list(items: &[String]) -> String {
@@ -267,6 +297,13 @@ impl InitOptions {
             text = text.replacen(
                 "members = []",
                 &format!("members = {}", toml_list(&self.members)),
+                1,
+            );
+        }
+        if let Some(join) = &self.join {
+            text = text.replacen(
+                "join = \"\"",
+                &format!("join = {}", toml::Value::String(join.clone())),
                 1,
             );
         }

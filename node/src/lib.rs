@@ -21,6 +21,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod cluster;
 pub mod daemon;
 pub mod datadir;
 pub mod ingest;

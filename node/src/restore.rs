@@ -221,6 +221,27 @@ pub fn get(
     Ok(report)
 }
 
+/// Every content byte of a file object of at most 1 GiB (cluster state snapshots).
+///
+/// # Errors
+/// Missing or corrupt blocks, or an object too large.
+pub fn read_object(store: &Store, cid: &Cid) -> Result<Vec<u8>, GetError> {
+    let root = root(store, cid)?;
+    if root.len > 1 << 30 {
+        return Err(GetError::Invalid("object too large to load".into()));
+    }
+    let mut out = Vec::with_capacity(root.len as usize);
+    for entry in Leaves::new(store, root.kind, root.tree, root.len) {
+        match entry? {
+            NodeEntry::Chunk { cid, .. } => {
+                out.extend_from_slice(&store.get(&cid)?.ok_or(GetError::Missing(cid))?)
+            }
+            _ => return Err(GetError::Corrupt("unexpected entry in a file tree".into())),
+        }
+    }
+    Ok(out)
+}
+
 /// Every content byte of a (small) file or topology object.
 fn read_all(store: &Store, root: &Root) -> Result<Vec<u8>, GetError> {
     if root.len > TOPOLOGY_BYTES_MAX {

@@ -124,6 +124,14 @@ fn router(state: AppState) -> Router {
         .route("/v1/fetch", post(fetch))
         .route("/v1/members/reload", post(reload))
         .route("/v1/cli", post(cli))
+        .route("/v1/cluster", get(cluster_view))
+        .route("/v1/cluster/init", post(cluster_init))
+        .route("/v1/cluster/tokens", post(token_create))
+        .route("/v1/cluster/tokens/revoke", post(token_revoke))
+        .route("/v1/cluster/members/remove", post(member_remove))
+        .route("/v1/cluster/members/role", post(member_role))
+        .route("/v1/cluster/leader/transfer", post(leader_transfer))
+        .route("/v1/pins:batch", post(pins_batch))
         .with_state(state)
 }
 
@@ -261,4 +269,191 @@ async fn cli(State(state): State<AppState>, axum::Json(body): axum::Json<CliBody
         resp.headers_mut().insert(ERROR_HEADER, v);
     }
     resp
+}
+
+fn bad(msg: impl Into<String>) -> Response {
+    (StatusCode::BAD_REQUEST, format!("{}\n", msg.into())).into_response()
+}
+
+async fn cluster_view(State(state): State<AppState>) -> Response {
+    match ask(&state, Command::ClusterView).await {
+        Some(v) => axum::Json(v).into_response(),
+        None => unavailable(),
+    }
+}
+
+async fn cluster_init(State(state): State<AppState>) -> Response {
+    match ask(&state, Command::ClusterInit).await {
+        Some(Ok(id)) => axum::Json(serde_json::json!({"cluster_id": id})).into_response(),
+        Some(Err(e)) => bad(e),
+        None => unavailable(),
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenBody {
+    role: String,
+    #[serde(default)]
+    zone: String,
+    ttl_s: u64,
+    uses: u32,
+}
+
+async fn token_create(
+    State(state): State<AppState>,
+    axum::Json(b): axum::Json<TokenBody>,
+) -> Response {
+    let Some(role) = mycel_consensus::command::Role::parse(&b.role) else {
+        return bad("unknown role");
+    };
+    let (tx, rx) = oneshot::channel();
+    let cmd =
+        Command::TokenCreate { role, zone: b.zone, ttl_s: b.ttl_s, uses: b.uses.max(1), reply: tx };
+    if state.cmd.send(cmd).await.is_err() {
+        return unavailable();
+    }
+    match rx.await {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
+        Ok(Err(e)) => bad(e),
+        Err(_) => unavailable(),
+    }
+}
+
+async fn propose(state: &AppState, commands: Vec<mycel_consensus::command::Command>) -> Response {
+    let (tx, rx) = oneshot::channel();
+    if state.cmd.send(Command::Propose(commands, tx)).await.is_err() {
+        return unavailable();
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs(30), rx).await {
+        Ok(Ok(Ok((index, mycel_consensus::state::Outcome::Applied)))) => {
+            axum::Json(serde_json::json!({"applied": true, "index": index})).into_response()
+        }
+        Ok(Ok(Ok((_, mycel_consensus::state::Outcome::Rejected(why))))) => {
+            bad(format!("rejected: {why}"))
+        }
+        Ok(Ok(Err(e))) => bad(e),
+        _ => (StatusCode::GATEWAY_TIMEOUT, "no quorum answered within 30 s\n").into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct IdBody {
+    id: String,
+}
+
+async fn token_revoke(
+    State(state): State<AppState>,
+    axum::Json(b): axum::Json<IdBody>,
+) -> Response {
+    let (tx, rx) = oneshot::channel();
+    if state.cmd.send(Command::TokenRevoke(b.id, tx)).await.is_err() {
+        return unavailable();
+    }
+    match rx.await {
+        Ok(Ok((index, mycel_consensus::state::Outcome::Applied))) => {
+            axum::Json(serde_json::json!({"revoked": true, "index": index})).into_response()
+        }
+        Ok(Ok((_, mycel_consensus::state::Outcome::Rejected(why)))) => bad(why),
+        Ok(Err(e)) => bad(e),
+        Err(_) => unavailable(),
+    }
+}
+
+#[derive(Deserialize)]
+struct PeerBody {
+    peer: String,
+    #[serde(default)]
+    role: String,
+}
+
+async fn member_remove(
+    State(state): State<AppState>,
+    axum::Json(b): axum::Json<PeerBody>,
+) -> Response {
+    let Ok(peer) = crate::net::parse_peer(&b.peer) else { return bad("bad PeerId") };
+    propose(&state, vec![mycel_consensus::command::Command::RemoveMember { peer: peer.to_bytes() }])
+        .await
+}
+
+async fn member_role(
+    State(state): State<AppState>,
+    axum::Json(b): axum::Json<PeerBody>,
+) -> Response {
+    let Ok(peer) = crate::net::parse_peer(&b.peer) else { return bad("bad PeerId") };
+    let Some(role) = mycel_consensus::command::Role::parse(&b.role) else {
+        return bad("unknown role");
+    };
+    propose(
+        &state,
+        vec![mycel_consensus::command::Command::SetRole { peer: peer.to_bytes(), role }],
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+struct TransferBody {
+    id: u64,
+}
+
+async fn leader_transfer(
+    State(state): State<AppState>,
+    axum::Json(b): axum::Json<TransferBody>,
+) -> Response {
+    match ask(&state, |tx| Command::LeaderTransfer(b.id, tx)).await {
+        Some(Ok(to)) => axum::Json(serde_json::json!({"transferring_to": to})).into_response(),
+        Some(Err(e)) => bad(e),
+        None => unavailable(),
+    }
+}
+
+#[derive(Deserialize)]
+struct PinBody {
+    root: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: String,
+    #[serde(default = "one")]
+    replicas_min: u32,
+    #[serde(default = "one")]
+    replicas_max: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Bulk pins: one proposal per 10,000.
+async fn pins_batch(
+    State(state): State<AppState>,
+    axum::Json(pins): axum::Json<Vec<PinBody>>,
+) -> Response {
+    let mut applied = 0usize;
+    for chunk in pins.chunks(10_000) {
+        let mut commands = Vec::with_capacity(chunk.len());
+        for p in chunk {
+            let Ok(root) = p.root.parse::<mycel_chunker::Cid>() else {
+                return bad(format!("bad CID {:?}", p.root));
+            };
+            commands.push(mycel_consensus::command::Command::AddPin(
+                mycel_consensus::command::Pin {
+                    root: root.to_bytes().to_vec(),
+                    name: p.name.clone(),
+                    namespace: p.namespace.clone(),
+                    replicas_min: p.replicas_min,
+                    replicas_max: p.replicas_max,
+                    zones: vec![],
+                    tags: vec![],
+                    preposition: vec![],
+                    deadline_ms: 0,
+                },
+            ));
+        }
+        let resp = propose(&state, commands).await;
+        if !resp.status().is_success() {
+            return resp;
+        }
+        applied += chunk.len();
+    }
+    axum::Json(serde_json::json!({"pinned": applied})).into_response()
 }

@@ -6,13 +6,13 @@
 //! daemon loop connects the two.
 
 pub mod exchange;
+pub mod gate;
 pub mod limit;
 
 use std::time::Duration;
 
 use libp2p::{
-    PeerId, StreamProtocol, Swarm, allow_block_list, gossipsub, identify, identity, ping,
-    swarm::NetworkBehaviour,
+    PeerId, StreamProtocol, Swarm, gossipsub, identify, identity, ping, swarm::NetworkBehaviour,
 };
 
 /// The exchange protocol.
@@ -30,7 +30,7 @@ pub fn announce_topic(zone: &str) -> gossipsub::IdentTopic {
 #[allow(missing_debug_implementations)] // libp2p behaviours do not implement Debug
 pub struct Behaviour {
     /// Only members connect: every other connection is denied before any protocol runs.
-    pub gate: allow_block_list::Behaviour<allow_block_list::AllowedPeers>,
+    pub gate: gate::Gate,
     /// Peers learn each other's listen addresses and versions.
     pub identify: identify::Behaviour,
     /// Liveness and round-trip times.
@@ -65,6 +65,7 @@ pub enum NetError {
 pub fn build_swarm(
     keypair: identity::Keypair,
     registry: &mut prometheus_client::registry::Registry,
+    policy: std::sync::Arc<std::sync::RwLock<gate::Policy>>,
 ) -> Result<Swarm<Behaviour>, NetError> {
     let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
     let gossip_config = gossipsub::ConfigBuilder::default()
@@ -82,12 +83,13 @@ pub fn build_swarm(
                 gossipsub::MessageAuthenticity::Signed(key.clone()),
                 gossip_config,
             )?;
+            let _ = &key;
             gossipsub.with_peer_score(
                 gossipsub::PeerScoreParams::default(),
                 gossipsub::PeerScoreThresholds::default(),
             )?;
             Ok(Behaviour {
-                gate: allow_block_list::Behaviour::default(),
+                gate: gate::Gate::new(policy.clone()),
                 identify: identify::Behaviour::new(identify::Config::new(
                     IDENTIFY_PROTOCOL.into(),
                     key.public(),

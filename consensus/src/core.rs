@@ -1,0 +1,657 @@
+//! The consensus core: raft-rs's `RawNode` with the Ready loop written once, deterministic
+//! election timeouts, the state machine, snapshots and membership reconciliation.
+//!
+//! Inputs: [`Core::handle_timeout`] (ticks), [`Core::step`] (messages from peers),
+//! [`Core::propose`], [`Core::read_index`]. Outputs: [`Output`]s the driver carries out
+//! (messages to send, applied proposals, reads that may be served, blocks to store).
+
+use std::collections::VecDeque;
+
+use mycel_chunker::Cid;
+use mycel_chunker::manifest::{Kind, NodeEntry, Root, TreeBuilder};
+use protobuf::Message as _;
+use raft::eraftpb::{
+    ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message, Snapshot,
+};
+use raft::{RawNode, StateRole, Storage};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::command::Role;
+use crate::log::{LogBackend, LogStore};
+use crate::state::{ClusterState, Outcome};
+
+/// Tuning of the core.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node's Raft id.
+    pub id: u64,
+    /// Milliseconds per tick.
+    pub tick_ms: u64,
+    /// Ticks without a leader before an election (randomised in [n, 2n)).
+    pub election_ticks: usize,
+    /// Ticks between heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Seed of the core's own RNG (election timeouts).
+    pub seed: u64,
+    /// Applied entries between snapshots.
+    pub snapshot_entries: u64,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            id: 1,
+            tick_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            seed: 1,
+            snapshot_entries: 10_000,
+        }
+    }
+}
+
+/// Timestamps are milliseconds on the driver's clock.
+pub use mycel_proto_time::Timestamp;
+
+mod mycel_proto_time {
+    /// Milliseconds on the driver's clock (virtual in tests and the simulator).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
+    pub struct Timestamp(pub u64);
+}
+
+/// What the driver must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    /// Send a Raft message (protobuf bytes) to the node with this Raft id.
+    Send {
+        /// Destination Raft id.
+        to: u64,
+        /// The encoded message.
+        msg: Vec<u8>,
+    },
+    /// A proposal was applied (or rejected) at `index`.
+    Applied {
+        /// Log index.
+        index: u64,
+        /// Proposer PeerId bytes.
+        from: Vec<u8>,
+        /// Proposer sequence.
+        seq: u64,
+        /// What happened.
+        outcome: Outcome,
+    },
+    /// A linearizable read may be served once the state has applied `index`.
+    ReadReady {
+        /// The context given to [`Core::read_index`].
+        ctx: Vec<u8>,
+        /// The commit index at the time of the read.
+        index: u64,
+    },
+    /// Term, role or leader changed.
+    RoleChanged {
+        /// Current term.
+        term: u64,
+        /// Current leader's Raft id (0: none).
+        leader: u64,
+        /// Whether this node leads.
+        leading: bool,
+    },
+    /// Store these blocks (a snapshot's state as a mycel object) and keep them.
+    StoreBlocks(Vec<(Cid, Vec<u8>)>),
+    /// A snapshot arrived naming this state object: fetch it and call
+    /// [`Core::handle_snapshot_state`].
+    NeedState(Cid),
+}
+
+/// Why a proposal was not taken.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProposeError {
+    /// Only the leader proposes; forward to it (0: none known).
+    #[error("not the leader (leader is {0})")]
+    NotLeader(u64),
+    /// raft-rs refused it (e.g. a leader transfer is in progress).
+    #[error("proposal dropped: {0}")]
+    Dropped(String),
+}
+
+/// Fatal conditions: the node must stop.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FatalError {
+    /// The log could not be made durable.
+    #[error("log sync failed: {0}")]
+    Sync(String),
+    /// raft-rs reported an invariant failure.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// The consensus core of one node.
+pub struct Core<B: LogBackend> {
+    raw: RawNode<LogStore>,
+    backend: B,
+    state: ClusterState,
+    config: Config,
+    rng: ChaCha8Rng,
+    soft: (u64, StateRole, u64),
+    outputs: VecDeque<Output>,
+    next_tick: Timestamp,
+    applied_since_snapshot: u64,
+    /// A snapshot was installed whose state is not here yet: entries wait.
+    awaiting_state: Option<(Cid, u64)>,
+    held_entries: Vec<Entry>,
+}
+
+impl<B: LogBackend> std::fmt::Debug for Core<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core").field("id", &self.config.id).field("soft", &self.soft).finish()
+    }
+}
+
+fn logger() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+/// The snapshot payload: the state object's root CID and the index it holds.
+fn snapshot_data(cid: &Cid) -> Vec<u8> {
+    let mut v = vec![1u8];
+    v.extend_from_slice(&cid.to_bytes());
+    v
+}
+
+fn parse_snapshot_data(data: &[u8]) -> Option<Cid> {
+    match data.split_first() {
+        Some((1, rest)) => Cid::from_bytes(rest).ok(),
+        _ => None,
+    }
+}
+
+/// Cuts a state image into a mycel object (file kind), returning its root and blocks.
+pub fn state_object(bytes: &[u8]) -> (Cid, Vec<(Cid, Vec<u8>)>) {
+    let config = mycel_chunker::Config::default();
+    let cutter = mycel_chunker::cdc::Cutter::new(&config);
+    let mut blocks = Vec::new();
+    let mut tree = TreeBuilder::new(&config, true);
+    let mut at = 0;
+    for len in cutter.lengths(bytes) {
+        let chunk = &bytes[at..at + len];
+        at += len;
+        let cid = Cid::raw(chunk);
+        blocks.push((cid, chunk.to_vec()));
+        tree.push(NodeEntry::Chunk { len: len as u64, cid });
+    }
+    let (t, len) = tree.finish();
+    blocks.extend(tree.take_blocks().into_iter().map(|b| (b.cid, b.bytes)));
+    let root = Root { kind: Kind::File, config, len, tree: t }.encode();
+    blocks.push((root.cid, root.bytes));
+    (root.cid, blocks)
+}
+
+impl<B: LogBackend> Core<B> {
+    /// A core on `backend`, resuming from what it persisted (an empty backend and
+    /// `bootstrap_voters` start a new cluster; an empty backend without them waits to be
+    /// added by a leader).
+    ///
+    /// # Errors
+    /// [`FatalError`] if the persisted log is unusable.
+    pub fn new(
+        config: Config,
+        backend: B,
+        bootstrap_voters: Vec<u64>,
+        now: Timestamp,
+    ) -> Result<Core<B>, FatalError> {
+        let persisted = backend.load().map_err(FatalError::Sync)?;
+        let fresh = persisted.hard_state == Default::default()
+            && persisted.entries.is_empty()
+            && persisted.snapshot.is_none();
+        let mut store = if fresh && !bootstrap_voters.is_empty() {
+            LogStore::bootstrap(bootstrap_voters.clone())
+        } else {
+            LogStore::from_persisted(&persisted)
+        };
+        let mut state = ClusterState::default();
+        let mut applied = 0;
+        if let Some((index, bytes)) = &persisted.state {
+            state = ClusterState::decode(bytes).map_err(FatalError::Sync)?;
+            assert_eq!(state.applied_index, *index, "state saved with its applied index");
+            applied = *index;
+        }
+        // Entries between the saved state and the commit index are replayed by raft-rs
+        // (Config::applied tells it where we are).
+        if applied < store.snapshot_index() {
+            applied = 0; // the snapshot state must be fetched again; restart from scratch
+            state = ClusterState::default();
+        }
+        if store.hard_state().commit < applied {
+            let mut hs = store.hard_state().clone();
+            hs.commit = applied;
+            store.set_hard_state(hs);
+        }
+        let raft_config = raft::Config {
+            id: config.id,
+            election_tick: config.election_ticks,
+            heartbeat_tick: config.heartbeat_ticks,
+            applied,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..raft::Config::default()
+        };
+        raft_config.validate().map_err(|e| FatalError::Raft(e.to_string()))?;
+        let raw = RawNode::new(&raft_config, store, &logger())
+            .map_err(|e| FatalError::Raft(e.to_string()))?;
+        let mut core = Core {
+            raw,
+            backend,
+            state,
+            rng: ChaCha8Rng::seed_from_u64(
+                config.seed ^ config.id.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            ),
+            soft: (0, StateRole::Follower, 0),
+            outputs: VecDeque::new(),
+            next_tick: now,
+            applied_since_snapshot: 0,
+            awaiting_state: None,
+            held_entries: Vec::new(),
+            config,
+        };
+        if fresh && !bootstrap_voters.is_empty() {
+            // Persist the bootstrap configuration before anything depends on it.
+            let cs = core.raw.store().conf_state().clone();
+            core.backend.set_conf_state(&cs);
+            core.backend.sync().map_err(FatalError::Sync)?;
+        }
+        core.randomize_timeout();
+        core.soft = core.soft_now();
+        Ok(core)
+    }
+
+    fn soft_now(&self) -> (u64, StateRole, u64) {
+        (self.raw.raft.term, self.raw.raft.state, self.raw.raft.leader_id)
+    }
+
+    fn randomize_timeout(&mut self) {
+        let n = self.config.election_ticks;
+        let t = self.rng.gen_range(n..2 * n);
+        self.raw.raft.set_randomized_election_timeout(t);
+    }
+
+    /// After anything that may change term, role or leader: redraw the timeout from our
+    /// own RNG (raft-rs drew it from thread_rng) and report the change.
+    fn after_input(&mut self) {
+        let now = self.soft_now();
+        if now != self.soft {
+            self.soft = now;
+            self.randomize_timeout();
+            self.outputs.push_back(Output::RoleChanged {
+                term: now.0,
+                leader: now.2,
+                leading: now.1 == StateRole::Leader,
+            });
+        }
+    }
+
+    /// This node's Raft id.
+    pub fn id(&self) -> u64 {
+        self.config.id
+    }
+
+    /// The applied state.
+    pub fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    /// Current leader (0: none known).
+    pub fn leader(&self) -> u64 {
+        self.raw.raft.leader_id
+    }
+
+    /// Whether this node leads.
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    /// Current term.
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    /// Voters and learners.
+    pub fn conf(&self) -> (Vec<u64>, Vec<u64>) {
+        let cs = self.raw.store().conf_state();
+        (cs.voters.clone(), cs.learners.clone())
+    }
+
+    /// Commit index.
+    pub fn commit_index(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+
+    /// When [`Core::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Timestamp {
+        self.next_tick
+    }
+
+    /// Ticks the clock up to `now`.
+    ///
+    /// # Errors
+    /// [`FatalError`]: the node must stop.
+    pub fn handle_timeout(&mut self, now: Timestamp) -> Result<(), FatalError> {
+        while self.next_tick <= now {
+            self.next_tick = Timestamp(self.next_tick.0 + self.config.tick_ms);
+            self.raw.tick();
+            self.after_input();
+        }
+        self.process()
+    }
+
+    /// A message from a peer (protobuf bytes). Malformed messages are dropped.
+    ///
+    /// # Errors
+    /// [`FatalError`]: the node must stop.
+    pub fn step(&mut self, bytes: &[u8]) -> Result<(), FatalError> {
+        let Ok(msg) = Message::parse_from_bytes(bytes) else { return Ok(()) };
+        if msg.to != self.config.id {
+            return Ok(());
+        }
+        // Errors here are for messages from unknown or stale peers: drop them.
+        let _ = self.raw.step(msg);
+        self.after_input();
+        self.process()
+    }
+
+    /// Proposes an encoded [`crate::command::Proposal`].
+    ///
+    /// # Errors
+    /// [`ProposeError::NotLeader`]: forward it to the leader.
+    pub fn propose(&mut self, data: Vec<u8>) -> Result<(), ProposeError> {
+        if !self.is_leader() {
+            return Err(ProposeError::NotLeader(self.leader()));
+        }
+        self.raw.propose(Vec::new(), data).map_err(|e| ProposeError::Dropped(e.to_string()))?;
+        let _ = self.process();
+        Ok(())
+    }
+
+    /// Starts a linearizable read; [`Output::ReadReady`] says when it may be served.
+    pub fn read_index(&mut self, ctx: Vec<u8>) {
+        self.raw.read_index(ctx);
+        let _ = self.process();
+    }
+
+    /// Hands leadership to `to`.
+    pub fn transfer_leader(&mut self, to: u64) {
+        self.raw.transfer_leader(to);
+        self.after_input();
+        let _ = self.process();
+    }
+
+    /// Starts an election now (tests; `cluster recover`).
+    pub fn campaign(&mut self) {
+        let _ = self.raw.campaign();
+        self.after_input();
+        let _ = self.process();
+    }
+
+    /// Reports a peer unreachable (the driver's send failed).
+    pub fn report_unreachable(&mut self, id: u64) {
+        self.raw.report_unreachable(id);
+    }
+
+    /// The state object a snapshot named has been fetched.
+    ///
+    /// # Errors
+    /// [`FatalError`]: the node must stop.
+    pub fn handle_snapshot_state(&mut self, cid: Cid, bytes: &[u8]) -> Result<(), FatalError> {
+        let Some((want, index)) = self.awaiting_state else { return Ok(()) };
+        if want != cid {
+            return Ok(());
+        }
+        let Ok(state) = ClusterState::decode(bytes) else { return Ok(()) };
+        if state.applied_index != index {
+            return Ok(());
+        }
+        self.state = state;
+        self.awaiting_state = None;
+        self.backend.save_state(index, bytes);
+        self.backend.sync().map_err(FatalError::Sync)?;
+        let held = std::mem::take(&mut self.held_entries);
+        self.apply_entries(held)?;
+        self.process()
+    }
+
+    /// The next output.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// The Ready loop, in raft-rs's documented order.
+    fn process(&mut self) -> Result<(), FatalError> {
+        while self.raw.has_ready() {
+            let mut ready = self.raw.ready();
+            // 1. Messages a leader may send before persisting.
+            self.send(ready.take_messages());
+            // 2. A snapshot from the leader.
+            if !ready.snapshot().is_empty() {
+                let snap: Snapshot = ready.snapshot().clone();
+                self.raw.mut_store().apply_snapshot(&snap);
+                self.backend.set_snapshot(snap.get_metadata(), &snap.data);
+                let index = snap.get_metadata().index;
+                match parse_snapshot_data(&snap.data) {
+                    Some(cid) if index > self.state.applied_index => {
+                        self.awaiting_state = Some((cid, index));
+                        self.outputs.push_back(Output::NeedState(cid));
+                    }
+                    _ => {}
+                }
+            }
+            // 3. Committed entries, in order.
+            self.apply_entries(ready.take_committed_entries())?;
+            // 4. New entries and 5. the hard state, then one sync for the batch.
+            if !ready.entries().is_empty() {
+                self.raw.mut_store().append(ready.entries());
+                self.backend.append(ready.entries());
+            }
+            if let Some(hs) = ready.hs() {
+                self.raw.mut_store().set_hard_state(hs.clone());
+                self.backend.set_hard_state(hs);
+            }
+            self.backend.sync().map_err(FatalError::Sync)?;
+            // 6. Messages that depend on what was just persisted.
+            self.send(ready.take_persisted_messages());
+            for rs in ready.take_read_states() {
+                self.outputs.push_back(Output::ReadReady { ctx: rs.request_ctx, index: rs.index });
+            }
+            let mut light = self.raw.advance(ready);
+            if let Some(commit) = light.commit_index() {
+                self.raw.mut_store().set_commit(commit);
+                let hs = self.raw.store().hard_state().clone();
+                self.backend.set_hard_state(&hs);
+            }
+            self.send(light.take_messages());
+            self.apply_entries(light.take_committed_entries())?;
+            self.raw.advance_apply();
+            self.after_input();
+        }
+        self.maybe_snapshot()?;
+        self.reconcile();
+        Ok(())
+    }
+
+    fn send(&mut self, msgs: Vec<Message>) {
+        for m in msgs {
+            let to = m.to;
+            let msg = m.write_to_bytes().expect("raft messages encode");
+            self.outputs.push_back(Output::Send { to, msg });
+        }
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<(), FatalError> {
+        if self.awaiting_state.is_some() {
+            self.held_entries.extend(entries);
+            return Ok(());
+        }
+        for e in entries {
+            if e.index <= self.state.applied_index {
+                continue;
+            }
+            match e.get_entry_type() {
+                EntryType::EntryNormal => {
+                    if let Some((from, seq, outcome)) = self.state.apply(e.index, &e.data) {
+                        self.outputs.push_back(Output::Applied {
+                            index: e.index,
+                            from,
+                            seq,
+                            outcome,
+                        });
+                    }
+                }
+                EntryType::EntryConfChangeV2 => {
+                    self.state.apply(e.index, &[]);
+                    if let Ok(cc) = ConfChangeV2::parse_from_bytes(&e.data)
+                        && let Ok(cs) = self.raw.apply_conf_change(&cc)
+                    {
+                        self.raw.mut_store().set_conf_state(cs.clone());
+                        self.backend.set_conf_state(&cs);
+                    }
+                }
+                EntryType::EntryConfChange => {
+                    self.state.apply(e.index, &[]);
+                    if let Ok(cc) = raft::eraftpb::ConfChange::parse_from_bytes(&e.data)
+                        && let Ok(cs) = self.raw.apply_conf_change(&cc)
+                    {
+                        self.raw.mut_store().set_conf_state(cs.clone());
+                        self.backend.set_conf_state(&cs);
+                    }
+                }
+            }
+            self.applied_since_snapshot += 1;
+        }
+        Ok(())
+    }
+
+    /// Past the threshold: the state becomes a mycel object, the log is compacted, and the
+    /// snapshot names the object's CID (the state itself moves through the exchange).
+    fn maybe_snapshot(&mut self) -> Result<(), FatalError> {
+        if self.applied_since_snapshot < self.config.snapshot_entries
+            || self.awaiting_state.is_some()
+        {
+            return Ok(());
+        }
+        let index = self.state.applied_index;
+        if index <= self.raw.store().snapshot_index() {
+            return Ok(());
+        }
+        let term = self.raw.store().term(index).map_err(|e| FatalError::Raft(e.to_string()))?;
+        let bytes = self.state.encode();
+        let (cid, blocks) = state_object(&bytes);
+        self.outputs.push_back(Output::StoreBlocks(blocks));
+        let mut meta = raft::eraftpb::SnapshotMetadata { index, term, ..Default::default() };
+        meta.set_conf_state(self.raw.store().conf_state().clone());
+        let data = snapshot_data(&cid);
+        self.backend.save_state(index, &bytes);
+        self.backend.set_snapshot(&meta, &data);
+        self.backend.sync().map_err(FatalError::Sync)?;
+        self.raw.mut_store().compact_to(meta, data);
+        self.applied_since_snapshot = 0;
+        Ok(())
+    }
+
+    /// The leader's membership decisions, one change at a time: committed managers missing
+    /// from the configuration join as learners, caught-up learners become voters, and voters
+    /// no longer managers leave.
+    fn reconcile(&mut self) {
+        if !self.is_leader() {
+            return;
+        }
+        if self.raw.raft.has_pending_conf() {
+            return;
+        }
+        let cs = self.raw.store().conf_state().clone();
+        let managers: Vec<u64> = self
+            .state
+            .members
+            .values()
+            .filter(|m| m.role == Role::Manager)
+            .map(|m| m.raft_id)
+            .collect();
+        let member_ids: Vec<u64> = self.state.members.values().map(|m| m.raft_id).collect();
+        let change = if let Some(id) =
+            managers.iter().find(|id| !cs.voters.contains(id) && !cs.learners.contains(id))
+        {
+            Some((ConfChangeType::AddLearnerNode, *id))
+        } else if let Some(id) = cs.learners.iter().find(|id| {
+            managers.contains(id)
+                && self.raw.raft.prs().get(**id).is_some_and(|p| {
+                    p.recent_active
+                        && p.matched > 0
+                        && p.matched + 16 >= self.raw.raft.raft_log.committed
+                })
+        }) {
+            Some((ConfChangeType::AddNode, *id))
+        } else {
+            cs.voters
+                .iter()
+                .chain(cs.learners.iter())
+                .find(|id| {
+                    !managers.contains(id)
+                        && (member_ids.contains(id) || self.state.cluster_id.is_some())
+                        && **id != self.config.id
+                })
+                .map(|id| (ConfChangeType::RemoveNode, *id))
+        };
+        let Some((kind, id)) = change else { return };
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(kind);
+        single.node_id = id;
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(vec![single].into());
+        let _ = self.raw.propose_conf_change(Vec::new(), cc);
+        let _ = self.process_inner();
+    }
+
+    fn process_inner(&mut self) -> Result<(), FatalError> {
+        // Conf-change proposals produce a Ready; run the loop once more without recursing
+        // into reconcile.
+        while self.raw.has_ready() {
+            let mut ready = self.raw.ready();
+            self.send(ready.take_messages());
+            self.apply_entries(ready.take_committed_entries())?;
+            if !ready.entries().is_empty() {
+                self.raw.mut_store().append(ready.entries());
+                self.backend.append(ready.entries());
+            }
+            if let Some(hs) = ready.hs() {
+                self.raw.mut_store().set_hard_state(hs.clone());
+                self.backend.set_hard_state(hs);
+            }
+            self.backend.sync().map_err(FatalError::Sync)?;
+            self.send(ready.take_persisted_messages());
+            let mut light = self.raw.advance(ready);
+            if let Some(commit) = light.commit_index() {
+                self.raw.mut_store().set_commit(commit);
+            }
+            self.send(light.take_messages());
+            self.apply_entries(light.take_committed_entries())?;
+            self.raw.advance_apply();
+        }
+        Ok(())
+    }
+
+    /// Checks the core's invariants.
+    ///
+    /// # Panics
+    /// On a broken invariant: a bug.
+    pub fn check_invariants(&self) {
+        self.state.check_invariants();
+        assert!(
+            self.state.applied_index <= self.commit_index() || self.awaiting_state.is_some(),
+            "applied {} past commit {}",
+            self.state.applied_index,
+            self.commit_index()
+        );
+    }
+}

@@ -1,0 +1,18 @@
+//! mycel-consensus: the management quorum as a sans-IO core.
+//!
+//! - [`command`]: the versioned [`Command`](command::Command) enum and proposals.
+//! - [`state`]: the cluster state machine.
+//! - [`log`]: Raft log storage behind a trait, with a crashable in-memory backend.
+//! - [`core`]: raft-rs's `RawNode` with the Ready loop written once, deterministic
+//!   election timeouts (drawn from the core's seeded RNG, not raft-rs's `thread_rng`),
+//!   snapshots whose data is the CID of a state object, and membership reconciliation.
+
+pub mod command;
+pub mod core;
+pub mod log;
+pub mod state;
+
+#[cfg(test)]
+mod harness;
+
+pub use crate::core::{Config, Core, FatalError, Output, ProposeError, Timestamp};

@@ -142,6 +142,10 @@ pub struct Core<B: LogBackend> {
     /// A snapshot was installed whose state is not here yet: entries wait.
     awaiting_state: Option<(Cid, u64)>,
     held_entries: Vec<Entry>,
+    /// A conf change was applied: snapshot now, so a new member gets the configuration.
+    snapshot_now: bool,
+    /// Peers a snapshot message went to (reported to raft-rs once sent).
+    snapshot_sent: Vec<u64>,
 }
 
 impl<B: LogBackend> std::fmt::Debug for Core<B> {
@@ -220,8 +224,15 @@ impl<B: LogBackend> Core<B> {
         }
         // Entries between the saved state and the commit index are replayed by raft-rs
         // (Config::applied tells it where we are).
+        // A snapshot newer than the saved state (a crash between receiving the snapshot and
+        // fetching its state object): fetch the state again before applying anything.
+        let mut awaiting = None;
         if applied < store.snapshot_index() {
-            applied = 0; // the snapshot state must be fetched again; restart from scratch
+            let snap = store.snapshot(0, 0).map_err(|e| FatalError::Raft(e.to_string()))?;
+            if let Some(cid) = parse_snapshot_data(&snap.data) {
+                awaiting = Some((cid, snap.get_metadata().index));
+            }
+            applied = store.snapshot_index();
             state = ClusterState::default();
         }
         if store.hard_state().commit < applied {
@@ -254,10 +265,15 @@ impl<B: LogBackend> Core<B> {
             outputs: VecDeque::new(),
             next_tick: now,
             applied_since_snapshot: 0,
-            awaiting_state: None,
+            awaiting_state: awaiting,
             held_entries: Vec::new(),
+            snapshot_now: false,
+            snapshot_sent: Vec::new(),
             config,
         };
+        if let Some((cid, _)) = awaiting {
+            core.outputs.push_back(Output::NeedState(cid));
+        }
         if fresh && !bootstrap_voters.is_empty() {
             // Persist the bootstrap configuration before anything depends on it.
             let cs = core.raw.store().conf_state().clone();
@@ -474,6 +490,9 @@ impl<B: LogBackend> Core<B> {
             self.send(light.take_messages());
             self.apply_entries(light.take_committed_entries())?;
             self.raw.advance_apply();
+            for to in std::mem::take(&mut self.snapshot_sent) {
+                self.raw.report_snapshot(to, raft::SnapshotStatus::Finish);
+            }
             self.after_input();
         }
         self.maybe_snapshot()?;
@@ -484,6 +503,11 @@ impl<B: LogBackend> Core<B> {
     fn send(&mut self, msgs: Vec<Message>) {
         for m in msgs {
             let to = m.to;
+            if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                // The snapshot is a CID: once the message is handed over it is "sent";
+                // without this report the leader would wait for it forever if it is lost.
+                self.snapshot_sent.push(to);
+            }
             let msg = m.write_to_bytes().expect("raft messages encode");
             self.outputs.push_back(Output::Send { to, msg });
         }
@@ -516,6 +540,12 @@ impl<B: LogBackend> Core<B> {
                     {
                         self.raw.mut_store().set_conf_state(cs.clone());
                         self.backend.set_conf_state(&cs);
+                        self.snapshot_now = true;
+                        self.applied_since_snapshot += 1;
+                        // Compact at once: a member added here must get a snapshot carrying
+                        // the whole configuration, never the bare log from index 1.
+                        self.maybe_snapshot()?;
+                        continue;
                     }
                 }
                 EntryType::EntryConfChange => {
@@ -536,11 +566,12 @@ impl<B: LogBackend> Core<B> {
     /// Past the threshold: the state becomes a mycel object, the log is compacted, and the
     /// snapshot names the object's CID (the state itself moves through the exchange).
     fn maybe_snapshot(&mut self) -> Result<(), FatalError> {
-        if self.applied_since_snapshot < self.config.snapshot_entries
+        if (self.applied_since_snapshot < self.config.snapshot_entries && !self.snapshot_now)
             || self.awaiting_state.is_some()
         {
             return Ok(());
         }
+        self.snapshot_now = false;
         let index = self.state.applied_index;
         if index <= self.raw.store().snapshot_index() {
             return Ok(());
@@ -637,6 +668,9 @@ impl<B: LogBackend> Core<B> {
             self.send(light.take_messages());
             self.apply_entries(light.take_committed_entries())?;
             self.raw.advance_apply();
+            for to in std::mem::take(&mut self.snapshot_sent) {
+                self.raw.report_snapshot(to, raft::SnapshotStatus::Finish);
+            }
         }
         Ok(())
     }

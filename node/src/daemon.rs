@@ -193,6 +193,11 @@ struct Daemon {
     awaiting_state: Option<Cid>,
     /// Raft id -> PeerId, learned from messages (a new manager's log may not list members yet).
     raft_peers: BTreeMap<u64, PeerId>,
+    /// Rotates requests over managers, so a dead one (whose connection has not timed out
+    /// yet) does not swallow every follow request and proposal.
+    rotate: std::cell::Cell<usize>,
+    /// When a pending join may be presented again.
+    next_join: Instant,
 }
 
 fn now(started: Instant) -> Timestamp {
@@ -306,6 +311,8 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
         next_follow: Instant::now(),
         awaiting_state: None,
         raft_peers: BTreeMap::new(),
+        rotate: std::cell::Cell::new(0),
+        next_join: Instant::now(),
     };
     d.start_cluster().map_err(|e| setup(&e))?;
     tracing::info!(peer_id = %d.me, zone = %d.config.node.zone, "mycel daemon starting");
@@ -860,7 +867,7 @@ impl Daemon {
                         let _ = w.try_send(u.clone());
                     }
                     // Nobody waits any more: stop (what is stored stays, for a later resume).
-                    if job.waiters.is_empty() && !job.storing {
+                    if job.waiters.is_empty() && !job.storing && self.awaiting_state != Some(root) {
                         tracing::info!(%root, "fetch abandoned by its requesters");
                         self.jobs.remove(&root);
                         self.reqs.retain(|_, (r, _)| *r != root);
@@ -1309,8 +1316,10 @@ impl Daemon {
             .filter_map(|m| PeerId::from_bytes(&m.peer).ok())
             .filter(|p| *p != self.me && self.connected.contains_key(p))
             .collect();
-        if let Some(p) = managers.first() {
-            return Some(*p);
+        if !managers.is_empty() {
+            let i = self.rotate.get();
+            self.rotate.set(i.wrapping_add(1));
+            return Some(managers[i % managers.len()]);
         }
         self.bootstrap.iter().map(|(p, _)| *p).find(|p| self.connected.contains_key(p))
     }
@@ -1557,11 +1566,34 @@ impl Daemon {
             return;
         }
         self.next_follow = now + Duration::from_millis(500);
+        // Stay connected to every manager (Raft needs manager-to-manager links; members need
+        // a manager to follow).
+        let managers: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .cluster_state()
+            .members
+            .values()
+            .filter(|m| m.role == Role::Manager)
+            .filter_map(|m| {
+                let p = PeerId::from_bytes(&m.peer).ok()?;
+                Some((p, m.addrs.iter().filter_map(|a| a.parse().ok()).collect()))
+            })
+            .collect();
+        for (p, addrs) in managers {
+            if p == self.me || self.connected.contains_key(&p) || addrs.is_empty() {
+                continue;
+            }
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(p).addresses(addrs).build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(peer = %p, "dialing manager: {e}");
+            }
+        }
         // A pending join: present the token.
         if let Some(token) = self.joining.clone()
             && self.proposals.local.is_empty()
+            && now >= self.next_join
             && let Some(target) = self.proposal_target()
         {
+            self.next_join = now + Duration::from_secs(5);
             let _ = target;
             let (tx, rx) = oneshot::channel();
             let me = self.my_member(Role::Edge);
@@ -1578,12 +1610,30 @@ impl Daemon {
             );
             tokio::spawn(async move {
                 match rx.await {
-                    Ok(Ok((_, Outcome::Applied))) => tracing::info!("joined the cluster"),
+                    Ok(Ok((_, Outcome::Applied))) => {
+                        tracing::info!("joined the cluster; following")
+                    }
                     Ok(Ok((_, Outcome::Rejected(why)))) => tracing::error!("join refused: {why}"),
                     Ok(Err(e)) => tracing::warn!("join: {e}"),
                     Err(_) => {}
                 }
             });
+        }
+        // Keep the committed addresses current (a restart on another port).
+        if let Some(mine) = self.cluster_state().members.get(&self.me.to_bytes()).cloned() {
+            let now_addrs = self.id_info().listen_addrs;
+            if !now_addrs.is_empty() && mine.addrs != now_addrs && self.proposals.local.is_empty() {
+                let (tx, _rx) = oneshot::channel();
+                self.propose(
+                    vec![CCommand::UpdateMember {
+                        peer: mine.peer,
+                        addrs: now_addrs,
+                        tags: mine.tags,
+                        capacity_bytes: mine.capacity_bytes,
+                    }],
+                    tx,
+                );
+            }
         }
         // Members that are not managers follow the configuration from a manager.
         if self.core.is_none() && (self.in_cluster() || self.joining.is_some()) {

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use anyhow::{Context, Result};
 use mycel_tests::{Node, Running, file_hash, mycel_bin, random_bytes, wait_for};
 
-static SERIAL: Mutex<()> = Mutex::new(());
+pub static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)

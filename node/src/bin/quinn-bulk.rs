@@ -1,0 +1,224 @@
+//! `quinn-bulk`: a plain quinn bulk transfer over loopback, the reference for mycel's exchange
+//! (which runs over libp2p-quic, that is quinn inside libp2p). Run by `bench/exchange.sh`.
+//!
+//! In one process it starts a quinn server on `127.0.0.1:0` with a self-signed certificate and a
+//! client on its own endpoint that trusts it. The client opens one bidirectional stream (libp2p
+//! disables unidirectional ones) and writes the byte count; the server answers with that many
+//! bytes, written from one reused 1 MiB buffer of random bytes; the client reads them into one
+//! reused buffer and discards them, hashing nothing. The clock runs from the opening of the
+//! stream to the end of the stream on the client; the handshake is not timed.
+//!
+//! The transport and TLS settings are those libp2p-quic 0.14 builds (`QuinnConfig::from` in its
+//! `config.rs` and `libp2p-tls`): 10 MB stream window, 15 MB connection window, keep-alive 5 s,
+//! idle timeout 10 s, no spin bit, no datagrams, no unidirectional streams, 256 bidirectional
+//! streams, MTU discovery on, TLS 1.3 with the cipher suites in libp2p-tls's order
+//! (ChaCha20-Poly1305 first, so that is what two libp2p nodes negotiate). `--cipher aes128`
+//! puts AES-128-GCM first to show what the cipher choice costs.
+//!
+//! Prints one JSON line: `{"bytes", "seconds", "mb_s", "stream_window", "conn_window", "cipher"}`
+//! with `mb_s` in 10^6 bytes per second.
+
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)] // a driver: clock, RNG, sockets
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Parser, ValueEnum};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::rustls;
+use quinn::rustls::crypto::aws_lc_rs::cipher_suite;
+use quinn::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use quinn::{Endpoint, TransportConfig, VarInt};
+use rand::{RngCore, SeedableRng};
+
+/// libp2p-quic 0.14 `Config::new`: `max_stream_data`.
+const STREAM_WINDOW_BYTES: u32 = 10_000_000;
+/// libp2p-quic 0.14 `Config::new`: `max_connection_data`.
+const CONN_WINDOW_BYTES: u32 = 15_000_000;
+/// libp2p-quic 0.14 `Config::new`: `keep_alive_interval`.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// libp2p-quic 0.14 `Config::new`: `max_idle_timeout` (ms).
+const IDLE_TIMEOUT_MS: u32 = 10_000;
+/// libp2p-quic 0.14 `Config::new`: `max_concurrent_stream_limit`.
+const STREAMS_BIDI_MAX: u32 = 256;
+/// The send and receive buffers, reused for the whole transfer.
+const BUFFER_BYTES: usize = 1 << 20;
+const SERVER_NAME: &str = "localhost";
+
+/// A plain quinn bulk transfer over loopback with libp2p-quic's settings.
+#[derive(Debug, Parser)]
+#[command(name = "quinn-bulk")]
+struct Args {
+    /// Bytes the server sends.
+    #[arg(long)]
+    bytes: u64,
+    /// Per-stream receive window in bytes (libp2p-quic `max_stream_data`).
+    #[arg(long, default_value_t = STREAM_WINDOW_BYTES)]
+    stream_window: u32,
+    /// Per-connection receive window in bytes (libp2p-quic `max_connection_data`).
+    #[arg(long, default_value_t = CONN_WINDOW_BYTES)]
+    conn_window: u32,
+    /// Preferred TLS 1.3 cipher suite; `chacha20` is what two libp2p nodes negotiate.
+    #[arg(long, value_enum, default_value_t = Cipher::Chacha20)]
+    cipher: Cipher,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Cipher {
+    /// ChaCha20-Poly1305 first (libp2p-tls's order).
+    Chacha20,
+    /// AES-128-GCM first (rustls's default order).
+    Aes128,
+}
+
+impl Cipher {
+    fn name(self) -> &'static str {
+        match self {
+            Cipher::Chacha20 => "TLS13_CHACHA20_POLY1305_SHA256",
+            Cipher::Aes128 => "TLS13_AES_128_GCM_SHA256",
+        }
+    }
+}
+
+/// The JSON line printed at the end (fields in this order).
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    bytes: u64,
+    seconds: f64,
+    mb_s: f64,
+    stream_window: u32,
+    conn_window: u32,
+    cipher: &'static str,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    ensure!(args.stream_window > 0 && args.conn_window > 0, "windows must be positive");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let seconds = runtime.block_on(transfer(&args))?;
+    let report = Report {
+        bytes: args.bytes,
+        seconds,
+        mb_s: args.bytes as f64 / 1e6 / seconds,
+        stream_window: args.stream_window,
+        conn_window: args.conn_window,
+        cipher: args.cipher.name(),
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// Runs the server and the client; returns the client's seconds from stream open to end.
+async fn transfer(args: &Args) -> Result<f64> {
+    let (server_config, client_config) = configs(args)?;
+    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let server = Endpoint::server(server_config, loopback)?;
+    let server_addr = server.local_addr()?;
+    let serving = tokio::spawn(serve(server.clone()));
+
+    let mut client = Endpoint::client(loopback)?;
+    client.set_default_client_config(client_config);
+    let conn = client.connect(server_addr, SERVER_NAME)?.await.context("handshake")?;
+
+    let start = Instant::now();
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&args.bytes.to_le_bytes()).await?;
+    send.finish()?;
+    let mut sink = vec![0u8; BUFFER_BYTES];
+    let mut received = 0u64;
+    while let Some(n) = recv.read(&mut sink).await? {
+        received += n as u64;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    ensure!(received == args.bytes, "received {received} of {} bytes", args.bytes);
+
+    conn.close(VarInt::from_u32(0), b"done");
+    serving.await.context("server task")??;
+    client.wait_idle().await;
+    server.wait_idle().await;
+    Ok(seconds)
+}
+
+/// Accepts one connection and one stream, reads the byte count and sends that many bytes.
+async fn serve(endpoint: Endpoint) -> Result<()> {
+    let incoming = endpoint.accept().await.context("server endpoint closed")?;
+    let conn = incoming.await?;
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    let mut request = [0u8; 8];
+    recv.read_exact(&mut request).await?;
+    let mut remaining = u64::from_le_bytes(request);
+
+    let mut buffer = vec![0u8; BUFFER_BYTES];
+    rand_chacha::ChaCha8Rng::seed_from_u64(u64::from_le_bytes(*b"quinnblk"))
+        .fill_bytes(&mut buffer);
+    while remaining > 0 {
+        let n = usize::try_from(remaining).map_or(BUFFER_BYTES, |r| r.min(BUFFER_BYTES));
+        send.write_all(&buffer[..n]).await?;
+        remaining -= n as u64;
+    }
+    send.finish()?;
+    // The client closes the connection once it has read everything.
+    let reason = conn.closed().await;
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(_) => Ok(()),
+        other => bail!("server connection ended: {other}"),
+    }
+}
+
+/// The server and client configurations, with libp2p-quic's transport and TLS settings.
+fn configs(args: &Args) -> Result<(quinn::ServerConfig, quinn::ClientConfig)> {
+    let certified = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])?;
+    let cert: CertificateDer<'static> = certified.cert.der().clone();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
+
+    // libp2p-tls: aws-lc-rs with its three TLS 1.3 suites; the client's order decides (the
+    // rustls server follows the client's preference unless told otherwise).
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.cipher_suites = match args.cipher {
+        Cipher::Chacha20 => vec![
+            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ],
+        Cipher::Aes128 => vec![
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+    };
+    let provider = Arc::new(provider);
+
+    let server_tls = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert)?;
+    let client_tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+
+    // libp2p-quic `QuinnConfig::from`, line for line; send_window keeps quinn's default there.
+    let mut transport = TransportConfig::default();
+    transport.max_concurrent_uni_streams(0u32.into());
+    transport.max_concurrent_bidi_streams(STREAMS_BIDI_MAX.into());
+    transport.datagram_receive_buffer_size(None);
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    transport.max_idle_timeout(Some(VarInt::from_u32(IDLE_TIMEOUT_MS).into()));
+    transport.allow_spin(false);
+    transport.stream_receive_window(args.stream_window.into());
+    transport.receive_window(args.conn_window.into());
+    transport.mtu_discovery_config(Some(quinn::MtuDiscoveryConfig::default()));
+    let transport = Arc::new(transport);
+
+    let mut server =
+        quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls)?));
+    server.transport = Arc::clone(&transport);
+    server.migration(false);
+    let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls)?));
+    client.transport_config(transport);
+    Ok((server, client))
+}

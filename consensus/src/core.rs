@@ -2,10 +2,18 @@
 //! election timeouts, the state machine, snapshots and membership reconciliation.
 //!
 //! Inputs: [`Core::handle_timeout`] (ticks), [`Core::step`] (messages from peers),
-//! [`Core::propose`], [`Core::read_index`]. Outputs: [`Output`]s the driver carries out
-//! (messages to send, applied proposals, reads that may be served, blocks to store).
+//! [`Core::propose`], [`Core::read_index`], [`Core::handle_rtt`] (measured round trips to
+//! members, which also prove them reachable) and [`Core::handle_rtt_report`] (a follower's
+//! mean, on the leader). Outputs: [`Output`]s the driver carries out (messages to send,
+//! applied proposals, reads that may be served, blocks to store, proposals the core decided
+//! on, round-trip reports to the leader).
+//!
+//! Once per election timeout the leader evaluates self-healing and leader preference
+//! ([`crate::heal`] holds the decisions and their rationale): a manager voter silent past
+//! [`Config::grace_ms`] is replaced through an [`Output::Propose`], and leadership moves to a
+//! manager with a clearly lower mean round-trip time to the other members.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use mycel_chunker::Cid;
 use mycel_chunker::manifest::{Kind, NodeEntry, Root, TreeBuilder};
@@ -17,7 +25,8 @@ use raft::{RawNode, StateRole, Storage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::command::Role;
+use crate::command::{Command, Role};
+use crate::heal;
 use crate::log::{LogBackend, LogStore};
 use crate::state::{ClusterState, Outcome};
 
@@ -36,6 +45,19 @@ pub struct Config {
     pub seed: u64,
     /// Applied entries between snapshots.
     pub snapshot_entries: u64,
+    /// How long a voter may go unheard (no Raft message, no round trip) before the leader
+    /// replaces it with an eligible member.
+    pub grace_ms: u64,
+    /// Leader preference: a candidate's mean round-trip time must be at least this many
+    /// percent lower than the leader's...
+    pub leader_rtt_better_pct: u64,
+    /// ...and at least this many milliseconds lower...
+    pub leader_rtt_better_ms: u64,
+    /// ...in this many consecutive evaluations (one per election timeout).
+    pub leader_rtt_evaluations: u32,
+    /// Election timeouts a leader waits, after gaining leadership or transferring it, before
+    /// it transfers leadership for a better round-trip time.
+    pub leader_transfer_gap_elections: u64,
 }
 
 impl Default for Config {
@@ -47,7 +69,19 @@ impl Default for Config {
             heartbeat_ticks: 2,
             seed: 1,
             snapshot_entries: 10_000,
+            grace_ms: 30_000,
+            leader_rtt_better_pct: 30,
+            leader_rtt_better_ms: 5,
+            leader_rtt_evaluations: 5,
+            leader_transfer_gap_elections: 20,
         }
+    }
+}
+
+impl Config {
+    /// One base election timeout in milliseconds.
+    fn election_ms(&self) -> u64 {
+        self.tick_ms * self.election_ticks as u64
     }
 }
 
@@ -102,6 +136,19 @@ pub enum Output {
     /// A snapshot arrived naming this state object: fetch it and call
     /// [`Core::handle_snapshot_state`].
     NeedState(Cid),
+    /// The leader decided on these commands (a lost voter's replacement): propose them as one
+    /// [`crate::command::Proposal`] under the driver's own PeerId and next sequence number.
+    /// The core asks again after a few election timeouts while the decision still stands;
+    /// the commands are idempotent, so a duplicate that commits does no harm.
+    Propose(Vec<Command>),
+    /// Tell the leader this node's mean round-trip time to the other members; the leader's
+    /// driver hands it to [`Core::handle_rtt_report`].
+    ReportRtt {
+        /// The leader's Raft id.
+        to: u64,
+        /// The mean, in milliseconds.
+        mean_rtt_ms: u64,
+    },
 }
 
 /// Why a proposal was not taken.
@@ -146,6 +193,26 @@ pub struct Core<B: LogBackend> {
     snapshot_now: bool,
     /// Peers a snapshot message went to (reported to raft-rs once sent).
     snapshot_sent: Vec<u64>,
+    /// The latest time the driver gave (messages are stamped with it).
+    clock: Timestamp,
+    /// Ticks so far (evaluations run once per election timeout).
+    ticks: u64,
+    /// When each Raft id was last heard from: on the leader, Raft messages from nodes in the
+    /// configuration; everywhere, round trips the driver measured. Keys are members or in
+    /// the configuration (pruned at every evaluation).
+    heard: BTreeMap<u64, Timestamp>,
+    /// Smoothed round-trip time to each member, and when it was last measured.
+    rtt: BTreeMap<u64, (u64, Timestamp)>,
+    /// On the leader: each follower's reported mean round-trip time, and when it came.
+    rtt_reports: BTreeMap<u64, (u64, Timestamp)>,
+    /// When this node last gained leadership (None: not leading).
+    led_since: Option<Timestamp>,
+    /// When this node last transferred leadership for a better round-trip time.
+    last_transfer: Option<Timestamp>,
+    /// The candidate that won the last consecutive evaluations, and how many.
+    streak: Option<(u64, u32)>,
+    /// The replacement last asked for, and when.
+    heal_proposed: Option<(heal::Replacement, Timestamp)>,
 }
 
 impl<B: LogBackend> std::fmt::Debug for Core<B> {
@@ -269,6 +336,15 @@ impl<B: LogBackend> Core<B> {
             held_entries: Vec::new(),
             snapshot_now: false,
             snapshot_sent: Vec::new(),
+            clock: now,
+            ticks: 0,
+            heard: BTreeMap::new(),
+            rtt: BTreeMap::new(),
+            rtt_reports: BTreeMap::new(),
+            led_since: None,
+            last_transfer: None,
+            streak: None,
+            heal_proposed: None,
             config,
         };
         if let Some((cid, _)) = awaiting {
@@ -300,6 +376,21 @@ impl<B: LogBackend> Core<B> {
     fn after_input(&mut self) {
         let now = self.soft_now();
         if now != self.soft {
+            let leading = now.1 == StateRole::Leader;
+            if leading && (self.soft.1 != StateRole::Leader || self.soft.0 != now.0) {
+                // Leadership gained: every node in the configuration gets the full grace
+                // period from now (a follower never heard the other followers).
+                let cs = self.raw.store().conf_state();
+                for id in cs.voters.iter().chain(cs.learners.iter()) {
+                    self.heard.insert(*id, self.clock);
+                }
+                self.led_since = Some(self.clock);
+                self.streak = None;
+                self.heal_proposed = None;
+            } else if !leading {
+                self.led_since = None;
+                self.streak = None;
+            }
             self.soft = now;
             self.randomize_timeout();
             self.outputs.push_back(Output::RoleChanged {
@@ -356,12 +447,82 @@ impl<B: LogBackend> Core<B> {
     /// # Errors
     /// [`FatalError`]: the node must stop.
     pub fn handle_timeout(&mut self, now: Timestamp) -> Result<(), FatalError> {
+        self.clock = self.clock.max(now);
+        let mut evaluate = false;
         while self.next_tick <= now {
             self.next_tick = Timestamp(self.next_tick.0 + self.config.tick_ms);
+            self.ticks += 1;
+            evaluate |= self.ticks.is_multiple_of(self.config.election_ticks as u64);
             self.raw.tick();
             self.after_input();
         }
-        self.process()
+        self.process()?;
+        if evaluate {
+            self.evaluate();
+        }
+        Ok(())
+    }
+
+    /// A round trip to the member with Raft id `peer` took `rtt_ms` (the driver's pings).
+    /// It also proves the member reachable. Ids that are not members are ignored.
+    pub fn handle_rtt(&mut self, peer: u64, rtt_ms: u64, now: Timestamp) {
+        self.clock = self.clock.max(now);
+        if peer == self.config.id || self.state.member_by_raft_id(peer).is_none() {
+            return;
+        }
+        self.heard.insert(peer, now);
+        let smoothed = match self.rtt.get(&peer) {
+            // An exponentially weighted mean (weight 1/8, as TCP's SRTT).
+            Some((srtt, _)) => (7 * srtt + rtt_ms) / 8,
+            None => rtt_ms,
+        };
+        self.rtt.insert(peer, (smoothed, now));
+    }
+
+    /// On the leader: a follower's [`Output::ReportRtt`]. Ignored elsewhere, and from nodes
+    /// that are not members.
+    pub fn handle_rtt_report(&mut self, from: u64, mean_rtt_ms: u64, now: Timestamp) {
+        self.clock = self.clock.max(now);
+        if !self.is_leader()
+            || from == self.config.id
+            || self.state.member_by_raft_id(from).is_none()
+        {
+            return;
+        }
+        self.rtt_reports.insert(from, (mean_rtt_ms, now));
+    }
+
+    /// This node's mean smoothed round-trip time to the members it measured within the
+    /// grace period (None: no measurement).
+    pub fn mean_rtt_ms(&self) -> Option<u64> {
+        let fresh: Vec<u64> =
+            self.rtt.values().filter(|(_, at)| self.fresh(*at)).map(|(rtt, _)| *rtt).collect();
+        if fresh.is_empty() {
+            return None;
+        }
+        Some(fresh.iter().sum::<u64>() / fresh.len() as u64)
+    }
+
+    /// On the leader: the mean round-trip time of each manager it can compare, by Raft id
+    /// (its own and the fresh reports of followers); empty elsewhere.
+    pub fn rtt_scores(&self) -> BTreeMap<u64, u64> {
+        let mut scores = BTreeMap::new();
+        if !self.is_leader() {
+            return scores;
+        }
+        for (id, (mean, at)) in &self.rtt_reports {
+            if self.fresh(*at) {
+                scores.insert(*id, *mean);
+            }
+        }
+        if let Some(mine) = self.mean_rtt_ms() {
+            scores.insert(self.config.id, mine);
+        }
+        scores
+    }
+
+    fn fresh(&self, at: Timestamp) -> bool {
+        self.clock.0.saturating_sub(at.0) <= self.config.grace_ms
     }
 
     /// A message from a peer (protobuf bytes). Malformed messages are dropped.
@@ -372,6 +533,9 @@ impl<B: LogBackend> Core<B> {
         let Ok(msg) = Message::parse_from_bytes(bytes) else { return Ok(()) };
         if msg.to != self.config.id {
             return Ok(());
+        }
+        if self.is_leader() && self.raw.raft.prs().get(msg.from).is_some() {
+            self.heard.insert(msg.from, self.clock);
         }
         // Errors here are for messages from unknown or stale peers: drop them.
         let _ = self.raw.step(msg);
@@ -593,7 +757,8 @@ impl<B: LogBackend> Core<B> {
 
     /// The leader's membership decisions, one change at a time: committed managers missing
     /// from the configuration join as learners, caught-up learners become voters, and voters
-    /// no longer managers leave.
+    /// no longer managers leave (not while a reachable manager learner is still catching up,
+    /// so a replaced voter leaves only after its replacement votes).
     fn reconcile(&mut self) {
         if !self.is_leader() {
             return;
@@ -610,6 +775,13 @@ impl<B: LogBackend> Core<B> {
             .map(|m| m.raft_id)
             .collect();
         let member_ids: Vec<u64> = self.state.members.values().map(|m| m.raft_id).collect();
+        // A manager on its way to voting is still catching up: a voter leaving now (a lost one
+        // being replaced) would shrink the fault tolerance first, so removals wait until the
+        // newcomer votes, or until it has been silent past the grace period.
+        let newcomer_catching_up = cs
+            .learners
+            .iter()
+            .any(|id| managers.contains(id) && self.heard.get(id).is_some_and(|t| self.fresh(*t)));
         let change = if let Some(id) =
             managers.iter().find(|id| !cs.voters.contains(id) && !cs.learners.contains(id))
         {
@@ -623,6 +795,8 @@ impl<B: LogBackend> Core<B> {
                 })
         }) {
             Some((ConfChangeType::AddNode, *id))
+        } else if newcomer_catching_up {
+            None
         } else {
             cs.voters
                 .iter()
@@ -642,6 +816,97 @@ impl<B: LogBackend> Core<B> {
         cc.set_changes(vec![single].into());
         let _ = self.raw.propose_conf_change(Vec::new(), cc);
         let _ = self.process_inner();
+    }
+
+    /// Once per election timeout: forgets what concerns nodes that are gone, then the leader
+    /// decides on replacements and leader preference, and a follower voter reports its mean
+    /// round-trip time to the leader.
+    fn evaluate(&mut self) {
+        if self.awaiting_state.is_some() {
+            return;
+        }
+        let cs = self.raw.store().conf_state().clone();
+        let members: Vec<u64> = self.state.members.values().map(|m| m.raft_id).collect();
+        let keep = |id: &u64| members.contains(id);
+        self.heard.retain(|id, _| keep(id) || cs.voters.contains(id) || cs.learners.contains(id));
+        self.rtt.retain(|id, _| keep(id));
+        self.rtt_reports.retain(|id, _| keep(id));
+        if self.is_leader() {
+            self.maybe_replace(&cs.voters, &cs.learners);
+            self.maybe_move_leadership(&cs.voters);
+        } else if cs.voters.contains(&self.config.id)
+            && self.leader() != 0
+            && let Some(mean_rtt_ms) = self.mean_rtt_ms()
+        {
+            self.outputs.push_back(Output::ReportRtt { to: self.leader(), mean_rtt_ms });
+        }
+    }
+
+    fn maybe_replace(&mut self, voters: &[u64], learners: &[u64]) {
+        if self.raw.raft.has_pending_conf() {
+            return;
+        }
+        let view = heal::View {
+            members: &self.state.members,
+            voters,
+            learners,
+            heard: &self.heard,
+            me: self.config.id,
+            now: self.clock,
+            grace_ms: self.config.grace_ms,
+        };
+        let Some(r) = heal::replacement(&view) else {
+            self.heal_proposed = None;
+            return;
+        };
+        if let Some((prev, at)) = &self.heal_proposed
+            && *prev == r
+            && self.clock.0 < at.0 + 5 * self.config.election_ms()
+        {
+            return;
+        }
+        self.outputs.push_back(Output::Propose(r.commands()));
+        self.heal_proposed = Some((r, self.clock));
+    }
+
+    fn maybe_move_leadership(&mut self, voters: &[u64]) {
+        let gap_ms = self.config.leader_transfer_gap_elections * self.config.election_ms();
+        let since = self.led_since.max(self.last_transfer).unwrap_or(self.clock);
+        if self.clock.0 < since.0 + gap_ms
+            || self.raw.raft.has_pending_conf()
+            || self.raw.raft.lead_transferee.is_some()
+        {
+            self.streak = None;
+            return;
+        }
+        // Candidates: manager voters heard within the grace period whose progress is recent.
+        let mut scores = self.rtt_scores();
+        scores.retain(|id, _| {
+            *id == self.config.id
+                || (voters.contains(id)
+                    && self.state.member_by_raft_id(*id).is_some_and(|m| m.role == Role::Manager)
+                    && self.heard.get(id).is_some_and(|t| self.fresh(*t))
+                    && self.raw.raft.prs().get(*id).is_some_and(|p| p.recent_active))
+        });
+        let margin = heal::Margin {
+            better_pct: self.config.leader_rtt_better_pct,
+            better_ms: self.config.leader_rtt_better_ms,
+        };
+        let Some(best) = heal::preferred_leader(self.config.id, &scores, margin) else {
+            self.streak = None;
+            return;
+        };
+        let count = match self.streak {
+            Some((id, n)) if id == best => n + 1,
+            _ => 1,
+        };
+        if count < self.config.leader_rtt_evaluations {
+            self.streak = Some((best, count));
+            return;
+        }
+        self.streak = None;
+        self.last_transfer = Some(self.clock);
+        self.transfer_leader(best);
     }
 
     fn process_inner(&mut self) -> Result<(), FatalError> {
@@ -687,5 +952,10 @@ impl<B: LogBackend> Core<B> {
             self.state.applied_index,
             self.commit_index()
         );
+        if let Some((_, n)) = self.streak {
+            assert!(n < self.config.leader_rtt_evaluations.max(1), "streak {n} not acted on");
+            assert!(self.is_leader(), "a streak on a node that does not lead");
+        }
+        assert!(self.led_since.is_some() == self.is_leader(), "led_since tracks leadership");
     }
 }

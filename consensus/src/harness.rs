@@ -1,8 +1,9 @@
 //! A seeded multi-node harness for the consensus core on a virtual clock (tests only).
 //!
 //! N cores exchange messages through one queue ordered by delivery time; a fault model drops,
-//! duplicates and delays messages, cuts links (both ways or one way), crashes nodes (their
-//! unsynced writes are lost) and restarts them. Snapshot state objects travel through a
+//! duplicates and delays messages, cuts links (both ways or one way), adds fixed per-link
+//! delays, crashes nodes (their unsynced writes are lost) and restarts them. Optionally every
+//! node pings every other, as the mesh does, feeding measured round trips to the cores. Snapshot state objects travel through a
 //! shared block map, as the mesh would carry them. Every event feeds a BLAKE3 trace, so a seed
 //! names one run exactly. After every step the harness checks each core's invariants, that no
 //! term has two leaders, and that every applied entry equals what every other node applied
@@ -19,6 +20,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::command::{Command, Member, Proposal, Role};
+use crate::heal;
 use crate::log::MemBackend;
 use crate::state::Outcome;
 use crate::{Config, Core, Output, ProposeError, Timestamp};
@@ -57,6 +59,12 @@ enum Payload {
     Raft(Vec<u8>),
     /// A proposal forwarded to the node believed to lead.
     Forward(Vec<u8>, u8),
+    /// A mesh ping sent at this time (answered with a pong carrying it back).
+    Ping(u64),
+    /// The answer to a ping sent at this time: the round trip is measured on arrival.
+    Pong(u64),
+    /// A follower's mean round-trip time, for the leader.
+    Report(u64),
 }
 
 #[derive(Debug)]
@@ -149,14 +157,14 @@ fn member(peer: Vec<u8>, role: Role) -> Member {
     }
 }
 
-fn config(id: u64, seed: u64, snapshot_entries: u64) -> Config {
+/// The configuration every scenario starts from (id, seed and snapshot interval are set per
+/// node).
+fn base_config() -> Config {
     Config {
-        id,
         tick_ms: TICK_MS,
         election_ticks: ELECTION_TICKS,
         heartbeat_ticks: 2,
-        seed,
-        snapshot_entries,
+        ..Config::default()
     }
 }
 
@@ -186,12 +194,30 @@ struct Sim {
     fetches: u64,
     /// Snapshot messages still to drop on purpose.
     drop_snapshots: u32,
+    /// What every core is configured with (id, seed and snapshot interval aside).
+    template: Config,
+    /// Extra one-way delay per directed link, milliseconds.
+    link_delay: BTreeMap<(u64, u64), u64>,
+    /// Every live node pings every other node this often (None: no pings).
+    ping_ms: Option<u64>,
+    next_ping: u64,
+    /// Sequence numbers of the proposals each node's driver made for its core.
+    core_seq: BTreeMap<u64, u64>,
+    /// Every [`Output::Propose`], by node.
+    core_proposals: Vec<(u64, Vec<Command>)>,
+    /// Each distinct configuration (sorted voters, sorted learners) a leader held, in order.
+    conf_history: Vec<(Vec<u64>, Vec<u64>)>,
 }
 
 impl Sim {
     /// `n` bootstrap voters, with the cluster initialised (raft ids 1..=n are managers) and
     /// no faults yet.
     fn new(seed: u64, n: u64, snapshot_entries: u64) -> Sim {
+        Sim::with_config(seed, n, snapshot_entries, base_config())
+    }
+
+    /// [`Sim::new`] with every core configured from `template`.
+    fn with_config(seed: u64, n: u64, snapshot_entries: u64, template: Config) -> Sim {
         let mut sim = Sim {
             seed,
             rng: ChaCha8Rng::seed_from_u64(seed),
@@ -211,6 +237,13 @@ impl Sim {
             clients: BTreeMap::new(),
             fetches: 0,
             drop_snapshots: 0,
+            template,
+            link_delay: BTreeMap::new(),
+            ping_ms: None,
+            next_ping: 0,
+            core_seq: BTreeMap::new(),
+            core_proposals: Vec::new(),
+            conf_history: Vec::new(),
         };
         let voters: Vec<u64> = (1..=n).collect();
         for id in 1..=n {
@@ -232,16 +265,16 @@ impl Sim {
         sim
     }
 
+    fn config(&self, id: u64, seed: u64) -> Config {
+        Config { id, seed, snapshot_entries: self.snapshot_entries, ..self.template.clone() }
+    }
+
     fn add_node(&mut self, id: u64, voters: Vec<u64>) {
         assert!(!self.nodes.contains_key(&id), "node {id} exists");
         let backend = MemBackend::new();
-        let core = Core::new(
-            config(id, self.seed, self.snapshot_entries),
-            backend.clone(),
-            voters,
-            Timestamp(self.now),
-        )
-        .expect("a fresh core starts");
+        let core =
+            Core::new(self.config(id, self.seed), backend.clone(), voters, Timestamp(self.now))
+                .expect("a fresh core starts");
         self.nodes.insert(
             id,
             Node {
@@ -329,19 +362,16 @@ impl Sim {
     fn restart(&mut self, id: u64) {
         let now = self.now;
         let seed = self.seed;
-        let snapshot_entries = self.snapshot_entries;
-        let node = self.nodes.get_mut(&id).expect("node exists");
+        let node = self.nodes.get(&id).expect("node exists");
         if node.core.is_some() {
             return;
         }
-        node.restarts += 1;
-        let core = Core::new(
-            config(id, seed ^ node.restarts, snapshot_entries),
-            node.backend.clone(),
-            Vec::new(),
-            Timestamp(now),
-        )
-        .unwrap_or_else(|e| panic!("seed {seed}: node {id} cannot restart: {e}"));
+        let restarts = node.restarts + 1;
+        let config = self.config(id, seed ^ restarts);
+        let node = self.nodes.get_mut(&id).expect("node exists");
+        node.restarts = restarts;
+        let core = Core::new(config, node.backend.clone(), Vec::new(), Timestamp(now))
+            .unwrap_or_else(|e| panic!("seed {seed}: node {id} cannot restart: {e}"));
         node.core = Some(core);
         node.last_applied = 0;
         self.record(&format!("restart {id}"));
@@ -425,6 +455,7 @@ impl Sim {
             let slice = (self.now + 10).min(end);
             while self.step(slice) {}
             self.client_retries();
+            self.ping_round();
         }
     }
 
@@ -458,13 +489,54 @@ impl Sim {
                 self.record(&format!("forward {from}->{to}"));
                 self.submit(to, data, hops);
             }
+            Payload::Ping(at) => self.send(to, from, Payload::Pong(at)),
+            Payload::Pong(at) => {
+                let rtt_ms = self.now - at;
+                self.record(&format!("rtt {to}->{from} {rtt_ms}"));
+                let now = Timestamp(self.now);
+                if let Some(c) = self.nodes.get_mut(&to).and_then(|n| n.core.as_mut()) {
+                    c.handle_rtt(from, rtt_ms, now);
+                }
+                self.drain(to);
+            }
+            Payload::Report(mean_rtt_ms) => {
+                self.record(&format!("report {from}->{to} {mean_rtt_ms}"));
+                let now = Timestamp(self.now);
+                if let Some(c) = self.nodes.get_mut(&to).and_then(|n| n.core.as_mut()) {
+                    c.handle_rtt_report(from, mean_rtt_ms, now);
+                }
+                self.drain(to);
+            }
         }
+    }
+
+    /// Every live node pings every other node, if pings are on and one is due.
+    fn ping_round(&mut self) {
+        let Some(every) = self.ping_ms else { return };
+        if self.now < self.next_ping {
+            return;
+        }
+        self.next_ping = self.now + every;
+        let live: Vec<u64> = self.live().map(|(id, _)| id).collect();
+        let all: Vec<u64> = self.nodes.keys().copied().collect();
+        for a in &live {
+            for b in all.iter().filter(|b| *b != a) {
+                self.send(*a, *b, Payload::Ping(self.now));
+            }
+        }
+    }
+
+    /// Delays the link between `a` and `b`, both ways, by `ms` on top of the usual 1-3 ms.
+    fn set_delay(&mut self, a: u64, b: u64, ms: u64) {
+        self.link_delay.insert((a, b), ms);
+        self.link_delay.insert((b, a), ms);
+        self.record(&format!("delay {a}<->{b} {ms}"));
     }
 
     fn send(&mut self, from: u64, to: u64, payload: Payload) {
         let kind = match &payload {
             Payload::Raft(m) => msg_type(m),
-            Payload::Forward(..) => None,
+            _ => None,
         };
         let snapshot = kind == Some(MessageType::MsgSnapshot);
         if snapshot && self.drop_snapshots > 0 {
@@ -482,13 +554,17 @@ impl Sim {
         }
         let copies = if self.rng.gen_bool(self.faults.dup) { 2 } else { 1 };
         for _ in 0..copies {
-            let mut delay = self.rng.gen_range(1..=3);
+            let mut delay =
+                self.rng.gen_range(1..=3) + self.link_delay.get(&(from, to)).unwrap_or(&0);
             if self.faults.reorder_ms > 0 {
                 delay += self.rng.gen_range(0..=self.faults.reorder_ms);
             }
             let payload = match &payload {
                 Payload::Raft(m) => Payload::Raft(m.clone()),
                 Payload::Forward(d, h) => Payload::Forward(d.clone(), *h),
+                Payload::Ping(t) => Payload::Ping(*t),
+                Payload::Pong(t) => Payload::Pong(*t),
+                Payload::Report(m) => Payload::Report(*m),
             };
             self.next_msg += 1;
             self.queue.insert((self.now + delay, self.next_msg), Envelope { from, to, payload });
@@ -567,6 +643,20 @@ impl Sim {
                     let at = self.now + FETCH_MS;
                     self.nodes.get_mut(&id).expect("node").fetch = Some((cid, at));
                 }
+                Output::Propose(commands) => {
+                    // The driver proposes under its own identity, with a sequence that
+                    // survives restarts (a daemon persists it).
+                    let seq = self.core_seq.entry(id).or_default();
+                    *seq += 1;
+                    let seq = *seq;
+                    self.record(&format!("core proposal {id} {seq} {commands:?}"));
+                    self.core_proposals.push((id, commands.clone()));
+                    let data = Proposal { from: node_peer(id), seq, commands }.encode();
+                    self.submit(id, data, 0);
+                }
+                Output::ReportRtt { to, mean_rtt_ms } => {
+                    self.send(id, to, Payload::Report(mean_rtt_ms));
+                }
             }
         }
     }
@@ -622,6 +712,14 @@ impl Sim {
         }
         for (term, id) in leading {
             self.note_leader(term, id);
+        }
+        if let Some(leader) = self.leader() {
+            let (mut voters, mut learners) = self.core(leader).conf();
+            voters.sort_unstable();
+            learners.sort_unstable();
+            if self.conf_history.last() != Some(&(voters.clone(), learners.clone())) {
+                self.conf_history.push((voters, learners));
+            }
         }
     }
 
@@ -688,6 +786,7 @@ impl Sim {
             let slice = (self.now + 10).min(end);
             while self.step(slice) {}
             self.client_retries();
+            self.ping_round();
         }
     }
 
@@ -1146,4 +1245,153 @@ fn crash_before_the_snapshot_state_arrives() {
     sim.restart(3);
     sim.workload(1_000, 0.5, 0.0);
     sim.heal_and_converge();
+}
+
+/// Proposes a fresh client proposal at the current leader and waits for its acknowledgement.
+fn commit_one(sim: &mut Sim) -> bool {
+    let Some(leader) = sim.leader() else { return false };
+    let before = sim.acked.len();
+    sim.propose(leader);
+    sim.run_until(30 * ELECTION_MS, |s| s.acked.len() > before)
+}
+
+/// An eligible edge member (role edge, tagged `manager-eligible`) in `zone`.
+fn eligible(id: u64, zone: &str) -> Member {
+    Member {
+        zone: zone.into(),
+        tags: vec![heal::ELIGIBLE_TAG.to_string()],
+        ..member(node_peer(id), Role::Edge)
+    }
+}
+
+#[test]
+fn a_lost_voter_is_replaced_after_the_grace_period() {
+    // Three managers (zone z) and two eligible edges, 4 in zone z and 5 in zone y, with mesh
+    // pings on and a one-second grace period. First a follower voter is crashed and restarted
+    // before the grace ends: nothing is proposed and the voters stay 1, 2, 3 (no flap). Then
+    // it is crashed for good: within the grace and some election timeouts the leader proposes
+    // its replacement by 5 (zone y has no manager, so it beats 4's lower Raft id), and the
+    // configuration moves one change at a time: 5 joins as a learner, becomes a voter, then
+    // the lost voter leaves. The lost one is an edge now, and a new proposal commits.
+    const GRACE_MS: u64 = 1_000;
+    let template = Config { grace_ms: GRACE_MS, ..base_config() };
+    let mut sim = Sim::with_config(111, 3, 20, template);
+    sim.ping_ms = Some(50);
+    let leader = sim.await_leader(20 * ELECTION_MS);
+    let commands = vec![Command::AddMember(eligible(4, "z")), Command::AddMember(eligible(5, "y"))];
+    let data = Proposal { from: b"admin".to_vec(), seq: 2, commands }.encode();
+    sim.submit(leader, data, 0);
+    let ok = sim.run_until(20 * ELECTION_MS, |s| s.core(leader).state().members.len() == 5);
+    assert!(ok, "the eligible edges were committed");
+    sim.add_node(4, Vec::new());
+    sim.add_node(5, Vec::new());
+    assert!(commit_one(&mut sim), "the cluster commits");
+
+    // A voter that returns within the grace period is kept.
+    let leader = sim.leader().expect("a leader");
+    let victim = leader % 3 + 1;
+    sim.crash(victim);
+    sim.run_for(GRACE_MS - 3 * ELECTION_MS);
+    sim.restart(victim);
+    sim.run_for(4 * GRACE_MS);
+    assert!(sim.core_proposals.is_empty(), "no replacement: {:?}", sim.core_proposals);
+    let leader = sim.leader().expect("a leader");
+    let (mut voters, _) = sim.core(leader).conf();
+    voters.sort_unstable();
+    assert_eq!(voters, vec![1, 2, 3], "the returning voter kept its place");
+
+    // A voter gone for good is replaced.
+    let leader = sim.leader().expect("a leader");
+    let victim = leader % 3 + 1;
+    let history_from = sim.conf_history.len() - 1;
+    sim.crash(victim);
+    let mut expected: Vec<u64> = [1, 2, 3, 5].into_iter().filter(|id| *id != victim).collect();
+    expected.sort_unstable();
+    let ok = sim.run_until(GRACE_MS + 30 * ELECTION_MS, |s| {
+        s.leader().is_some_and(|l| {
+            let (mut v, learners) = s.core(l).conf();
+            v.sort_unstable();
+            v == expected && learners.is_empty()
+        })
+    });
+    assert!(ok, "the voters became {expected:?}: history {:?}", sim.conf_history);
+    let leader = sim.leader().expect("a leader");
+    let state = sim.core(leader).state();
+    assert_eq!(state.members[&node_peer(victim)].role, Role::Edge, "the lost voter is an edge");
+    assert_eq!(state.members[&node_peer(5)].role, Role::Manager, "5 is a manager");
+    assert_eq!(state.members[&node_peer(4)].role, Role::Edge, "4 stays an edge");
+    let wanted = vec![
+        Command::SetRole { peer: node_peer(5), role: Role::Manager },
+        Command::SetRole { peer: node_peer(victim), role: Role::Edge },
+    ];
+    assert!(!sim.core_proposals.is_empty(), "the core proposed the replacement");
+    assert!(sim.core_proposals.iter().all(|(_, c)| *c == wanted), "{:?}", sim.core_proposals);
+    // One change at a time: add the learner, promote it, then remove the lost voter.
+    let mut old = vec![1, 2, 3];
+    let mut with_new = old.clone();
+    with_new.push(5);
+    old.sort_unstable();
+    with_new.sort_unstable();
+    let steps: Vec<(Vec<u64>, Vec<u64>)> =
+        vec![(old.clone(), vec![]), (old, vec![5]), (with_new, vec![]), (expected.clone(), vec![])];
+    assert_eq!(sim.conf_history[history_from..], steps[..], "configurations in order");
+    assert!(commit_one(&mut sim), "a new proposal commits with the new voters");
+    let (mut v, _) = sim.core(5).conf();
+    v.sort_unstable();
+    assert_eq!(v, expected, "the replacement knows the configuration");
+}
+
+/// Three managers; `fast` has `fast_ms` links to both others, which have `slow_ms` between
+/// them. Returns the sim with pings on, the leader before any delay, and `fast`.
+fn rtt_scenario(seed: u64, fast_ms: u64, slow_ms: u64) -> (Sim, u64, u64) {
+    let template = Config {
+        leader_rtt_better_pct: 30,
+        leader_rtt_better_ms: 5,
+        leader_rtt_evaluations: 3,
+        leader_transfer_gap_elections: 5,
+        ..base_config()
+    };
+    let mut sim = Sim::with_config(seed, 3, 20, template);
+    let leader = sim.await_leader(20 * ELECTION_MS);
+    let fast = leader % 3 + 1;
+    let others: Vec<u64> = (1..=3).filter(|id| *id != fast).collect();
+    for o in &others {
+        sim.set_delay(fast, *o, fast_ms);
+    }
+    sim.set_delay(others[0], others[1], slow_ms);
+    sim.ping_ms = Some(50);
+    (sim, leader, fast)
+}
+
+#[test]
+fn leadership_moves_to_a_clearly_better_manager() {
+    // Injected link delays make one follower the hub: 2 ms to both others, which are 40 ms
+    // apart (round trips about 8 ms against a mean of about 46 ms). The leader learns the
+    // followers' means from their reports and hands leadership to the hub, which keeps it
+    // (no flap back). With a small difference, 16 ms against 24 ms (the hub about 18% and
+    // 8 ms better: under the 30% margin), leadership stays put although the hub's score is
+    // measurably the lowest.
+    let (mut sim, leader, fast) = rtt_scenario(121, 2, 40);
+    assert_ne!(leader, fast);
+    let ok = sim.run_until(100 * ELECTION_MS, |s| s.leader() == Some(fast));
+    assert!(ok, "leadership moved from {leader} to the hub {fast}");
+    let term = sim.core(fast).term();
+    sim.run_for(50 * ELECTION_MS);
+    assert_eq!(sim.leader(), Some(fast), "the hub keeps leading");
+    assert_eq!(sim.core(fast).term(), term, "no election since");
+    assert!(commit_one(&mut sim), "the cluster commits under the hub");
+
+    let (mut sim, leader, fast) = rtt_scenario(122, 16, 24);
+    let term = sim.core(leader).term();
+    sim.run_for(100 * ELECTION_MS);
+    assert_eq!(sim.leader(), Some(leader), "no transfer within the hysteresis");
+    assert_eq!(sim.core(leader).term(), term, "no election either");
+    let scores = sim.core(leader).rtt_scores();
+    assert_eq!(scores.len(), 3, "the leader compares all three managers: {scores:?}");
+    let any_gain = heal::Margin { better_pct: 0, better_ms: 1 };
+    assert_eq!(
+        heal::preferred_leader(leader, &scores, any_gain),
+        Some(fast),
+        "the hub is measurably better, only the margin keeps the leader: {scores:?}"
+    );
 }

@@ -6,9 +6,12 @@
 //! - [`core`]: raft-rs's `RawNode` with the Ready loop written once, deterministic
 //!   election timeouts (drawn from the core's seeded RNG, not raft-rs's `thread_rng`),
 //!   snapshots whose data is the CID of a state object, and membership reconciliation.
+//! - [`heal`]: self-healing and leader-preference decisions (replacing a lost voter with an
+//!   eligible member, moving leadership to a manager with a clearly lower round-trip time).
 
 pub mod command;
 pub mod core;
+pub mod heal;
 pub mod log;
 pub mod state;
 

@@ -198,6 +198,10 @@ struct Daemon {
     rotate: std::cell::Cell<usize>,
     /// When a pending join may be presented again.
     next_join: Instant,
+    /// Linearizable reads waiting for their index: ctx -> (index, started, reply).
+    reads: BTreeMap<Vec<u8>, (u64, Instant, oneshot::Sender<serde_json::Value>)>,
+    next_read: u64,
+    drives: u64,
 }
 
 fn now(started: Instant) -> Timestamp {
@@ -313,6 +317,9 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
         raft_peers: BTreeMap::new(),
         rotate: std::cell::Cell::new(0),
         next_join: Instant::now(),
+        reads: BTreeMap::new(),
+        next_read: 0,
+        drives: 0,
     };
     d.start_cluster().map_err(|e| setup(&e))?;
     tracing::info!(peer_id = %d.me, zone = %d.config.node.zone, "mycel daemon starting");
@@ -473,6 +480,12 @@ impl Daemon {
             })) => {
                 if let Some(p) = self.connected.get_mut(&peer) {
                     p.rtt_ms = Some(rtt.as_secs_f64() * 1000.0);
+                }
+                // Round trips feed the leader's decisions (reachability, leader preference).
+                let now = mycel_consensus::Timestamp(self.ts().0);
+                let raft_id = self.cluster_state().members.get(&peer.to_bytes()).map(|m| m.raft_id);
+                if let (Some(id), Some(core)) = (raft_id, self.core.as_mut()) {
+                    core.handle_rtt(id, rtt.as_millis() as u64, now);
                 }
             }
             SwarmEvent::IncomingConnectionError { error, .. } => {
@@ -661,7 +674,19 @@ impl Daemon {
             Command::ClusterInit(reply) => self.cluster_init(reply),
             Command::Propose(commands, reply) => self.propose(commands, reply),
             Command::ClusterView(reply) => {
-                let _ = reply.send(self.cluster_view());
+                // On a manager the view is a linearizable read (ReadIndex): it reflects every
+                // change committed before the request, whichever manager answers.
+                match self.core.as_mut() {
+                    Some(core) if core.is_leader() => {
+                        self.next_read += 1;
+                        let ctx = self.next_read.to_le_bytes().to_vec();
+                        core.read_index(ctx.clone());
+                        self.reads.insert(ctx, (u64::MAX, Instant::now(), reply));
+                    }
+                    _ => {
+                        let _ = reply.send(self.cluster_view());
+                    }
+                }
             }
             Command::TokenCreate { role, zone, ttl_s, uses, reply } => {
                 self.token_create(role, zone, ttl_s, uses, reply);
@@ -923,7 +948,11 @@ impl Daemon {
             {
                 self.execute(root, action);
             }
-            if let Some(job) = self.jobs.get(&root) {
+            // The full check walks every pending block: run it now and then, not per event.
+            self.drives += 1;
+            if self.drives.is_multiple_of(4096)
+                && let Some(job) = self.jobs.get(&root)
+            {
                 job.fetch.check_invariants();
             }
         }
@@ -1152,6 +1181,8 @@ impl Daemon {
                 self.me.to_bytes()[self.me.to_bytes().len() - 8..].try_into().expect("8"),
             ),
             snapshot_entries: 10_000,
+            grace_ms: self.config.cluster.grace_ms,
+            ..mycel_consensus::Config::default()
         };
         let core = Core::new(config, log, bootstrap, mycel_consensus::Timestamp(self.ts().0))
             .map_err(|e| e.to_string())?;
@@ -1425,6 +1456,12 @@ impl Daemon {
                 }
                 // Otherwise the retry timer tries again once a leader is known.
             }
+            ClusterFrame::RttReport { from, mean_rtt_ms } => {
+                let now = mycel_consensus::Timestamp(self.ts().0);
+                if member && let Some(core) = self.core.as_mut() {
+                    core.handle_rtt_report(from, mean_rtt_ms, now);
+                }
+            }
             ClusterFrame::Follow { since } => {
                 if !member {
                     return;
@@ -1461,12 +1498,19 @@ impl Daemon {
         {
             self.joining = None;
             if me.role == Role::Manager {
-                let opened = RedbLog::open(&self.raft_log_path()).and_then(|log| {
+                // The log file may already be open for the followed state: share it.
+                let opened = match &self.raft_meta {
+                    Some(meta) => Ok(RedbLog::open_shared(meta)),
+                    None => RedbLog::open(&self.raft_log_path()),
+                }
+                .and_then(|log| {
                     log.set_meta("raft_id", &me.raft_id.to_le_bytes())?;
                     Ok(log)
                 });
                 match opened.and_then(|log| {
-                    self.raft_meta = Some(RedbLog::open_shared(&log));
+                    if self.raft_meta.is_none() {
+                        self.raft_meta = Some(RedbLog::open_shared(&log));
+                    }
                     self.start_core(me.raft_id, log, Vec::new())
                 }) {
                     Ok(()) => {}
@@ -1693,7 +1737,29 @@ impl Daemon {
                     tracing::info!(term, leader, leading, "raft role changed");
                     changed = true;
                 }
-                COutput::ReadReady { .. } => {}
+                COutput::Propose(commands) => {
+                    tracing::info!(?commands, "the quorum core proposes");
+                    // A decision of the leader's core (replace a lost manager): proposed under
+                    // this node's identity; the outcome is in the log.
+                    let (tx, _rx) = oneshot::channel();
+                    self.propose(commands, tx);
+                }
+                COutput::ReportRtt { to, mean_rtt_ms } => {
+                    let peer = self
+                        .cluster_state()
+                        .member_by_raft_id(to)
+                        .and_then(|m| PeerId::from_bytes(&m.peer).ok());
+                    let from = self.core.as_ref().map_or(0, Core::id);
+                    if let Some(p) = peer.filter(|p| *p != self.me) {
+                        let link = self.clink(p);
+                        link.send(ClusterFrame::RttReport { from, mean_rtt_ms });
+                    }
+                }
+                COutput::ReadReady { ctx, index } => {
+                    if let Some(r) = self.reads.get_mut(&ctx) {
+                        r.0 = index;
+                    }
+                }
                 COutput::StoreBlocks(blocks) => {
                     let root = blocks.last().map(|b| b.0);
                     for (cid, bytes) in blocks {
@@ -1721,6 +1787,24 @@ impl Daemon {
         }
         if changed {
             self.on_state_changed();
+        }
+        // Serve reads whose index is applied; past 5 s without a quorum, answer locally and
+        // say so.
+        let applied = self.cluster_state().applied_index;
+        let ready: Vec<Vec<u8>> = self
+            .reads
+            .iter()
+            .filter(|(_, (i, t, _))| *i <= applied || t.elapsed() > Duration::from_secs(2))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in ready {
+            if let Some((index, _, reply)) = self.reads.remove(&k) {
+                let mut view = self.cluster_view();
+                if index > applied {
+                    view["stale"] = serde_json::json!(true);
+                }
+                let _ = reply.send(view);
+            }
         }
     }
 

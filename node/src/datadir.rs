@@ -125,6 +125,8 @@ pub struct ClusterSection {
     pub tick_ms: u64,
     /// Ticks before a follower without a leader starts an election.
     pub election_ticks: usize,
+    /// A manager unreachable this long is replaced by a `manager-eligible` member.
+    pub grace_ms: u64,
 }
 
 impl Default for ClusterSection {
@@ -135,6 +137,7 @@ impl Default for ClusterSection {
             tags: Vec::new(),
             tick_ms: 100,
             election_ticks: 10,
+            grace_ms: 30_000,
         }
     }
 }
@@ -226,6 +229,8 @@ tags = []
 # Raft timing: milliseconds per tick, and ticks before an election.
 tick_ms = 100
 election_ticks = 10
+# A manager unreachable this long is replaced by a member tagged "manager-eligible".
+grace_ms = 30000
 
 [api]
 # The admin API listens on mycel.sock in the data directory (mode 0600). Set tcp to also

@@ -212,6 +212,9 @@ pub struct Fetch {
     /// Missing manifest blocks, then missing chunks, in walk order.
     pending_nodes: VecDeque<(Cid, Want)>,
     pending_chunks: VecDeque<(Cid, Want)>,
+    /// What is pending, authoritatively: the queues keep the order and may hold stale
+    /// entries (blocks that arrived meanwhile), skipped when met.
+    pending: BTreeMap<Cid, Want>,
     inflight: BTreeMap<Cid, InFlight>,
     /// Manifest blocks stored but not yet expanded (expansion waits while the queue is full).
     deferred: VecDeque<(Cid, Want, Vec<u8>)>,
@@ -242,6 +245,7 @@ impl Fetch {
             looking: BTreeMap::new(),
             pending_nodes: VecDeque::new(),
             pending_chunks: VecDeque::new(),
+            pending: BTreeMap::new(),
             inflight: BTreeMap::new(),
             deferred: VecDeque::new(),
             done: BTreeSet::new(),
@@ -312,11 +316,30 @@ impl Fetch {
     }
 
     fn requeue(&mut self, cid: Cid, want: Want) {
+        if self.pending.insert(cid, want).is_some() {
+            return;
+        }
         if want.is_manifest() {
             self.pending_nodes.push_front((cid, want));
         } else {
             self.pending_chunks.push_front((cid, want));
         }
+    }
+
+    fn enqueue(&mut self, cid: Cid, want: Want) {
+        if self.pending.insert(cid, want).is_some() {
+            return;
+        }
+        if want.is_manifest() {
+            self.pending_nodes.push_back((cid, want));
+        } else {
+            self.pending_chunks.push_back((cid, want));
+        }
+    }
+
+    /// Pending chunks (not counting stale queue entries).
+    fn pending_chunk_count(&self) -> usize {
+        self.pending.len().saturating_sub(self.pending_nodes.len().min(self.pending.len()))
     }
 
     /// The store's answer to [`Action::Lookup`].
@@ -325,17 +348,14 @@ impl Fetch {
             return;
         };
         match local {
-            Local::Absent => match want {
-                Want::Chunk(_) => self.pending_chunks.push_back((cid, want)),
-                _ => self.pending_nodes.push_back((cid, want)),
-            },
+            Local::Absent => self.enqueue(cid, want),
             Local::Present if !want.is_manifest() => self.mark_done(cid, want),
             // A manifest block must be read to continue the walk.
-            Local::Present => self.pending_nodes.push_back((cid, want)),
+            Local::Present => self.enqueue(cid, want),
             Local::Bytes(bytes) => {
                 if !cid.matches(&bytes) {
                     // The store returns verified blocks; treat a mismatch as absent.
-                    self.pending_nodes.push_back((cid, want));
+                    self.enqueue(cid, want);
                     return;
                 }
                 self.mark_done(cid, want);
@@ -358,7 +378,7 @@ impl Fetch {
 
     /// Expands stored manifest blocks while the chunk queue has room.
     fn expand(&mut self) {
-        while self.pending_chunks.len() < self.config.queue_max {
+        while self.pending_chunk_count() < self.config.queue_max {
             let Some((cid, want, bytes)) = self.deferred.pop_front() else { return };
             if let Err(reason) = self.read_manifest(cid, want, &bytes) {
                 self.fail(reason);
@@ -419,8 +439,7 @@ impl Fetch {
             return;
         }
         if self.looking.is_empty()
-            && self.pending_nodes.is_empty()
-            && self.pending_chunks.is_empty()
+            && self.pending.is_empty()
             && self.inflight.is_empty()
             && self.deferred.is_empty()
         {
@@ -476,8 +495,7 @@ impl Fetch {
         {
             p.inflight -= 1;
         }
-        self.pending_nodes.retain(|(c, _)| *c != cid);
-        self.pending_chunks.retain(|(c, _)| *c != cid);
+        self.pending.remove(&cid);
         *self.received.entry(peer).or_default() += bytes.len() as u64;
         if let Some(p) = self.peers.get_mut(&peer) {
             p.stalls = 0;
@@ -506,11 +524,7 @@ impl Fetch {
         if let Some(f) = self.inflight.get(cid) {
             return Some(f.want);
         }
-        self.pending_nodes
-            .iter()
-            .chain(self.pending_chunks.iter())
-            .find(|(c, _)| c == cid)
-            .map(|(_, w)| *w)
+        self.pending.get(cid).copied()
     }
 
     /// `peer` does not hold `cid` (a partial holder): ask someone else.
@@ -562,10 +576,13 @@ impl Fetch {
 
     /// Whether something is missing that no current peer can be asked for.
     fn starved(&self) -> bool {
-        let pending = self.pending_nodes.iter().chain(self.pending_chunks.iter());
         self.inflight.is_empty()
-            && pending.clone().next().is_some()
-            && !pending.take(64).any(|(c, _)| self.peers.values().any(|p| !p.lacks.contains(c)))
+            && !self.pending.is_empty()
+            && !self
+                .pending
+                .keys()
+                .take(64)
+                .any(|c| self.peers.values().any(|p| !p.lacks.contains(c)))
     }
 
     /// Moves timed-out work to other peers, and asks who-has when starved.
@@ -633,13 +650,20 @@ impl Fetch {
                     continue;
                 }
                 let lacks = &self.peers[&peer].lacks;
+                let pending = &mut self.pending;
                 let mut i = 0;
                 while i < queue.len() && cids.len() < take {
-                    if lacks.contains(&queue[i].0) {
+                    let c = queue[i].0;
+                    if !pending.contains_key(&c) {
+                        queue.remove(i); // stale: it arrived or moved meanwhile
+                        continue;
+                    }
+                    if lacks.contains(&c) {
                         i += 1;
                         continue;
                     }
                     let (c, w) = queue.remove(i).expect("index in range");
+                    pending.remove(&c);
                     cids.push(c);
                     wants.push(w);
                 }
@@ -691,7 +715,7 @@ impl Fetch {
             assert!(self.peers.contains_key(&f.peer), "{cid} in flight at a departed peer");
             assert!(!self.done.contains(cid), "{cid} in flight but done");
         }
-        for (cid, _) in self.pending_nodes.iter().chain(self.pending_chunks.iter()) {
+        for cid in self.pending.keys() {
             assert!(!self.inflight.contains_key(cid), "{cid} both pending and in flight");
         }
         if self.kind.is_some() {
@@ -703,7 +727,10 @@ impl Fetch {
             );
         }
         assert!(
-            self.pending_chunks.len() <= self.config.queue_max + crate::wire::FRAME_BYTES_MAX / 36
+            self.pending.len()
+                <= self.config.queue_max
+                    + crate::wire::FRAME_BYTES_MAX / 36
+                    + DEFERRED_MAX * crate::wire::FRAME_BYTES_MAX / 36
         );
     }
 }

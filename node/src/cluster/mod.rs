@@ -59,6 +59,13 @@ pub enum ClusterFrame {
         /// The leader's PeerId bytes.
         leader: Vec<u8>,
     },
+    /// A manager's mean round-trip time to the other members, for the leader's preference.
+    RttReport {
+        /// Sender's Raft id.
+        from: u64,
+        /// Mean round trip in ms.
+        mean_rtt_ms: u64,
+    },
     /// Asks for the configuration if it is newer than `since`.
     Follow {
         /// The follower's applied index.

@@ -14,7 +14,8 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 fn fast(node: &Node) -> Result<()> {
     node.set_config("tick_ms", "50")?;
-    node.set_config("election_ticks", "10")
+    node.set_config("election_ticks", "10")?;
+    node.set_config("grace_ms", "5000")
 }
 
 fn view(node: &Node) -> Option<serde_json::Value> {
@@ -62,9 +63,12 @@ fn fleet() -> Result<Fleet> {
     let etok = token(&m1, "edge", "2")?;
     let mut nodes = vec![(m1, p1)];
     let mut running = vec![Some(r1)];
-    for tok in [&mtok, &mtok, &etok, &etok] {
+    for (i, tok) in [&mtok, &mtok, &etok, &etok].into_iter().enumerate() {
         let (n, p) = Node::mesh(&["--join", tok])?;
         fast(&n)?;
+        if i >= 2 {
+            n.set_config("tags", "[\"manager-eligible\"]")?;
+        }
         running.push(Some(n.start(&[])?));
         nodes.push((n, p));
     }
@@ -185,5 +189,46 @@ fn a_removed_node_is_refused_and_a_fresh_join_is_admitted() -> Result<()> {
         })
     })?;
     wait_for(15, "the fresh node to be connected", || connected(&m1, &pe2).then_some(()))?;
+    Ok(())
+}
+
+#[test]
+fn a_lost_manager_is_replaced_by_an_eligible_edge() -> Result<()> {
+    // Grace 5 s: a manager killed for good stops being a voter within 30 s, a
+    // manager-eligible edge becomes a voter, there are 3 voters again, and a change commits.
+    let _s = serial();
+    let mut f = fleet()?;
+    let v = view(&f.nodes[0].0).context("view")?;
+    let leader = leader_peer(&v).context("leader")?;
+    // Kill a manager that is not the leader.
+    let victim = (0..3).find(|i| f.nodes[*i].1 != leader).context("a follower manager")?;
+    let lost = f.nodes[victim].1.clone();
+    f.running[victim].as_mut().context("running")?.kill9();
+    let survivor = (0..3).find(|i| *i != victim).context("survivor")?;
+    let t0 = Instant::now();
+    let healed = wait_for(30, "3 voters without the lost manager", || {
+        view(&f.nodes[survivor].0).filter(|v| {
+            let voters: Vec<&serde_json::Value> = v["members"]
+                .as_array()
+                .map(|m| {
+                    m.iter().filter(|x| x["raft"] == "leader" || x["raft"] == "voter").collect()
+                })
+                .unwrap_or_default();
+            voters.len() == 3 && voters.iter().all(|x| x["peer_id"] != lost.as_str())
+        })
+    })
+    .map_err(|e| {
+        let logs: Vec<String> = f.nodes.iter().map(|(n, _)| n.log()).collect();
+        anyhow::anyhow!("{e}\n{}", logs.join("\n=====\n"))
+    })?;
+    eprintln!("healed after {:?}", t0.elapsed());
+    let replaced_by_edge = healed["members"].as_array().is_some_and(|m| {
+        m.iter().any(|x| {
+            x["raft"] != "none"
+                && (x["peer_id"] == f.nodes[3].1.as_str() || x["peer_id"] == f.nodes[4].1.as_str())
+        })
+    });
+    assert!(replaced_by_edge, "{healed}");
+    token(&f.nodes[survivor].0, "edge", "1")?;
     Ok(())
 }

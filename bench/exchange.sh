@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# One-peer exchange on loopback: node A adds a 2 GiB random file from /dev/shm, node B
+# (bootstrapped to A, both in each other's [cluster] members) runs `mycel get` of its root into
+# /dev/shm (timed, then compared by hash with the input); in the same run, quinn-bulk sends the
+# same number of bytes over plain quinn with libp2p-quic's windows and cipher order (the
+# reference), and once more with AES-128-GCM first. Reports MB/s of each, the ratio
+# mycel/quinn (goal >= 70%), and the peak resident memory (VmHWM) of both daemons after the get.
+# Medians of $RUNS runs; each run uses two fresh nodes. Data directories live in $BENCH_DIR.
+# The get starts $SETTLE_S s after B is ready (quinn-bulk does not time its handshake either).
+source "$(dirname "$0")/lib.sh"
+SIZE_MIB="${SIZE_MIB:-2048}"
+QB="$ROOT/target/release/quinn-bulk"
+READY_S="${READY_S:-60}"
+SETTLE_S="${SETTLE_S:-1}"   # after B is ready, so that the get does not time the dial
+
+W=""; IN=""; OUT=""; OWN_IN=0; PIDS=()
+cleanup() {
+    local status=$? pid log
+    # On failure, the daemons' last words before their data directories go.
+    if [ "$status" != 0 ] && [ -n "$W" ]; then
+        for log in "$W"/*.log; do
+            [ -f "$log" ] && { echo "== $log" >&2; tail -20 "$log" >&2; }
+        done
+    fi
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    if [ -n "$W" ]; then rm -rf "$W"; fi
+    if [ -n "$OUT" ]; then rm -f "$OUT"; fi
+    if [ "$OWN_IN" = 1 ]; then rm -f "$IN"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# json EXPR: prints json.load(stdin)EXPR (strings and numbers bare, anything else as JSON).
+json() { python3 -c "import json,sys; v=json.load(sys.stdin)$1; print(v if isinstance(v, (str, int, float)) else json.dumps(v))"; }
+mycel() { local d=$1; shift; MYCEL_DATA_DIR="$d" "$M" "$@"; }
+peer_id() { mycel "$1" id --json | json '["peer_id"]'; }
+free_udp_port() {
+    python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+# set_members DIR PEER_ID...: rewrites `members = ...` in [cluster] of DIR/config.toml.
+set_members() {
+    python3 - "$1/config.toml" "${@:2}" <<'PY'
+import json, re, sys, tomllib
+path, members = sys.argv[1], sys.argv[2:]
+text = open(path).read()
+lines, section, done = text.splitlines(keepends=True), None, False
+for i, line in enumerate(lines):
+    m = re.match(r'\s*\[([^\]]+)\]', line)
+    if m:
+        section = m.group(1).strip()
+    elif section == 'cluster' and re.match(r'\s*members\s*=', line):
+        lines[i] = 'members = ' + json.dumps(members) + '\n'
+        done = True
+        break
+if not done:
+    sys.exit(f'{path}: no `members = ...` line in [cluster]')
+text = ''.join(lines)
+assert tomllib.loads(text)['cluster']['members'] == members, path
+open(path, 'w').write(text)
+PY
+}
+# wait_ready DIR PID: until `mycel id --json` shows listen addresses; fails if the daemon dies.
+wait_ready() {
+    local d=$1 pid=$2 i addrs
+    for ((i = 0; i < READY_S * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || { echo "daemon $d exited; log:" >&2; tail -20 "$d.log" >&2; return 1; }
+        addrs=$(mycel "$d" id --json 2>/dev/null | json '.get("listen_addrs") or ""' 2>/dev/null || true)
+        [ -n "$addrs" ] && return 0
+        sleep 0.1
+    done
+    echo "daemon $d not ready after $READY_S s; log:" >&2; tail -20 "$d.log" >&2
+    return 1
+}
+vm_hwm_kib() {
+    awk '/^VmHWM:/{print $2}' "/proc/$1/status" 2>/dev/null && return 0
+    echo "daemon $1 is gone after the get" >&2
+    return 1
+}
+stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+build
+mkdir -p "$BENCH_DIR" "$SHM"
+W=$(mktemp -d "$BENCH_DIR/exchange.XXXXXX")
+# add.sh's input when it has the size; otherwise a file of our own, removed on exit.
+IN="$SHM/rand.bin"; OUT="$SHM/out"
+if ! { [ -f "$IN" ] && [ "$(stat -c %s "$IN")" = $((SIZE_MIB << 20)) ]; }; then
+    IN="$SHM/exchange-$SIZE_MIB.bin"; OWN_IN=1
+    head -c $((SIZE_MIB << 20)) /dev/urandom > "$IN"
+fi
+BYTES=$(stat -c %s "$IN")
+SUM_IN=$(sha256sum "$IN" | cut -d' ' -f1)
+
+MYCEL=(); QUINN=(); QUINN_AES=(); HWM_A=(); HWM_B=(); SPLIT=""
+for run in $(seq "$RUNS"); do
+    A="$W/a$run"; B="$W/b$run"
+    port=$(free_udp_port)
+    mycel "$A" init --listen "/ip4/127.0.0.1/udp/$port/quic-v1" >/dev/null
+    id_a=$(peer_id "$A")
+    mycel "$B" init --listen /ip4/127.0.0.1/udp/0/quic-v1 \
+        --bootstrap "/ip4/127.0.0.1/udp/$port/quic-v1/p2p/$id_a" >/dev/null
+    id_b=$(peer_id "$B")
+    set_members "$A" "$id_a" "$id_b"
+    set_members "$B" "$id_a" "$id_b"
+
+    MYCEL_DATA_DIR="$A" "$M" run >"$A.log" 2>&1 & pid_a=$!; PIDS+=("$pid_a")
+    wait_ready "$A" "$pid_a"
+    root=$(mycel "$A" add -q --json "$IN" | json '["root"]')
+    MYCEL_DATA_DIR="$B" "$M" run >"$B.log" 2>&1 & pid_b=$!; PIDS+=("$pid_b")
+    wait_ready "$B" "$pid_b"
+    sync; sleep "$SETTLE_S"
+
+    rm -f "$OUT"
+    t0=$(now)
+    got=$(mycel "$B" get -q --json "$root" "$OUT")
+    t1=$(now)
+    s=$(elapsed "$t0" "$t1")
+    n=$(echo "$got" | json '["bytes"]')
+    [ "$n" = "$BYTES" ] || { echo "run $run: get returned $n bytes, expected $BYTES: $got" >&2; exit 1; }
+    [ "$(sha256sum "$OUT" | cut -d' ' -f1)" = "$SUM_IN" ] || { echo "run $run: output differs from input" >&2; exit 1; }
+    SPLIT=$(echo "$got" | json '["by_peer"]')
+    MYCEL+=("$s")
+    HWM_A+=("$(vm_hwm_kib "$pid_a")"); HWM_B+=("$(vm_hwm_kib "$pid_b")")
+    stop "$pid_b"; stop "$pid_a"; PIDS=()
+    rm -rf "$A" "$B" "$A.log" "$B.log" "$OUT"
+
+    QUINN+=("$("$QB" --bytes "$BYTES" | json '["seconds"]')")
+    QUINN_AES+=("$("$QB" --bytes "$BYTES" --cipher aes128 | json '["seconds"]')")
+done
+
+echo "# mycel exchange, one peer on loopback, $((BYTES >> 20)) MiB random from /dev/shm to /dev/shm, stores in $BENCH_DIR; $(machine); medians of $RUNS"
+printf '%-36s %10s %10s\n' transfer seconds MB/s
+m=$(median "${MYCEL[@]}"); q=$(median "${QUINN[@]}"); qa=$(median "${QUINN_AES[@]}")
+printf '%-36s %10s %10s\n' "mycel get (1 holder)" "$m" "$(mbps "$BYTES" "$m")"
+printf '%-36s %10s %10s\n' "quinn-bulk (libp2p windows, chacha)" "$q" "$(mbps "$BYTES" "$q")"
+printf '%-36s %10s %10s\n' "quinn-bulk (libp2p windows, aes128)" "$qa" "$(mbps "$BYTES" "$qa")"
+echo "mycel / quinn-bulk: $(python3 -c "print(f'{100 * $q / $m:.0f}')")% (goal >= 70%); by_peer of the last run: $SPLIT"
+echo "VmHWM after the get: node A (sender) $(median "${HWM_A[@]}" | cut -d. -f1) KiB, node B (fetcher) $(median "${HWM_B[@]}" | cut -d. -f1) KiB"

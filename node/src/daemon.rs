@@ -516,11 +516,18 @@ impl Daemon {
             return;
         }
         let same_zone = ann.zone == self.config.node.zone;
+        let mut wanted = false;
         for job in self.jobs.values_mut() {
             let root = job.fetch.root().to_bytes();
             if ann.roots.contains(&root) || ann.partial.iter().any(|p| p.root == root) {
                 job.fetch.add_peer(net::core_peer(&source), same_zone);
+                wanted = true;
             }
+        }
+        // A holder heard through the gossip mesh but not connected yet: dial it (its
+        // addresses come from identify or the committed member list).
+        if wanted && !self.connected.contains_key(&source) {
+            let _ = self.swarm.dial(source);
         }
     }
 
@@ -788,6 +795,8 @@ impl Daemon {
         }
         let config = fetch::Config {
             timeout_ms: self.config.node.request_timeout_ms,
+            want_batch: 32,
+            window_max: 128,
             ..fetch::Config::default()
         };
         let mut f = Fetch::new(root, config, self.ts());

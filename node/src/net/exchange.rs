@@ -24,6 +24,17 @@ use crate::store::Store;
 /// # Errors
 /// IO errors, and `InvalidData` for an oversized or malformed frame.
 pub async fn read_frame<R: futures::AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Frame>> {
+    read_frame_into(r, &mut Vec::new()).await
+}
+
+/// [`read_frame`] reusing `buf` for the body (no allocation and zeroing per frame).
+///
+/// # Errors
+/// As [`read_frame`].
+pub async fn read_frame_into<R: futures::AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> io::Result<Option<Frame>> {
     let mut prefix = [0u8; 4];
     match r.read_exact(&mut prefix).await {
         Ok(()) => {}
@@ -32,9 +43,12 @@ pub async fn read_frame<R: futures::AsyncRead + Unpin>(r: &mut R) -> io::Result<
     }
     let len =
         Frame::check_len(prefix).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
-    Frame::decode(&body).map(Some).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    // The length was checked against FRAME_BYTES_MAX before anything was allocated.
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    r.read_exact(&mut buf[..len]).await?;
+    Frame::decode(&buf[..len]).map(Some).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 async fn write_frame<W: futures::AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> io::Result<()> {
@@ -58,8 +72,9 @@ pub struct ServeCtx {
 
 /// Serves one inbound stream until it ends or misbehaves.
 pub async fn serve(mut stream: Stream, peer: PeerId, ctx: ServeCtx) {
+    let mut buf = Vec::new();
     loop {
-        let frame = match read_frame(&mut stream).await {
+        let frame = match read_frame_into(&mut stream, &mut buf).await {
             Ok(Some(f)) => f,
             Ok(None) => return,
             Err(e) => {
@@ -186,8 +201,9 @@ pub fn spawn_link(
         let read_events = events.clone();
         let read_metrics = metrics.clone();
         let reading = tokio::spawn(async move {
+            let mut buf = Vec::new();
             loop {
-                match read_frame(&mut reader).await {
+                match read_frame_into(&mut reader, &mut buf).await {
                     Ok(Some(frame)) => {
                         if let Frame::Block { bytes, .. } = &frame {
                             download.take(bytes.len()).await;

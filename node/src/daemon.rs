@@ -1688,10 +1688,25 @@ impl Daemon {
                 );
             }
         }
-        // Members that are not managers follow the configuration from a manager.
+        // Members that are not managers follow the configuration: ask every connected
+        // manager (a dead one whose connection has not timed out yet must not stall them),
+        // and keep the newest answer.
         if self.core.is_none() && (self.in_cluster() || self.joining.is_some()) {
             let since = self.followed.applied_index;
-            if let Some(target) = self.proposal_target() {
+            let mut targets: Vec<PeerId> = self
+                .cluster_state()
+                .members
+                .values()
+                .filter(|m| m.role == Role::Manager)
+                .filter_map(|m| PeerId::from_bytes(&m.peer).ok())
+                .filter(|p| *p != self.me && self.connected.contains_key(p))
+                .collect();
+            if targets.is_empty()
+                && let Some(t) = self.proposal_target()
+            {
+                targets.push(t);
+            }
+            for target in targets {
                 let link = self.clink(target);
                 link.send(ClusterFrame::Follow { since });
             }

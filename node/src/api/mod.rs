@@ -131,7 +131,11 @@ fn router(state: AppState) -> Router {
         .route("/v1/cluster/members/remove", post(member_remove))
         .route("/v1/cluster/members/role", post(member_role))
         .route("/v1/cluster/leader/transfer", post(leader_transfer))
-        .route("/v1/pins:batch", post(pins_batch))
+        .route(
+            "/v1/pins:batch",
+            // 100,000 pins in one request are ~10 MB of JSON.
+            post(pins_batch).layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
+        )
         .with_state(state)
 }
 

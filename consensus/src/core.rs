@@ -959,3 +959,71 @@ impl<B: LogBackend> Core<B> {
         assert!(self.led_since.is_some() == self.is_leader(), "led_since tracks leadership");
     }
 }
+
+/// A state image as blocks of a mycel object (CID, bytes), root block last.
+pub type StateBlocks = Vec<(Cid, Vec<u8>)>;
+
+/// `cluster recover --force-new-cluster`: after losing a majority of managers for good,
+/// rewrites this (stopped) manager's log so it is the only voter. The state is the last one
+/// it knows committed (`load_object` reads a snapshot's state object from the store); the
+/// returned blocks are that state as an object, to store so others can fetch it. Changes
+/// the lost majority committed that this node never learned are gone: that is the price of
+/// forcing.
+///
+/// # Errors
+/// A message if the log or the state cannot be read.
+pub fn force_new_cluster<B: LogBackend>(
+    backend: &mut B,
+    my_id: u64,
+    load_object: &dyn Fn(&Cid) -> Option<Vec<u8>>,
+) -> Result<(ClusterState, StateBlocks), String> {
+    let p = backend.load()?;
+    let snapshot_index = p.snapshot.as_ref().map_or(0, |(m, _)| m.index);
+    let mut state = match &p.state {
+        Some((index, bytes)) if *index >= snapshot_index => ClusterState::decode(bytes)?,
+        _ => match &p.snapshot {
+            Some((_, data)) => {
+                let cid = parse_snapshot_data(data).ok_or("the snapshot names no state object")?;
+                let bytes = load_object(&cid).ok_or_else(|| {
+                    format!("the snapshot's state object {cid} is not in the store")
+                })?;
+                ClusterState::decode(&bytes)?
+            }
+            None => ClusterState::default(),
+        },
+    };
+    let commit = p.hard_state.commit;
+    let from = state.applied_index;
+    for e in p.entries.iter().filter(|e| e.index > from && e.index <= commit) {
+        match e.get_entry_type() {
+            EntryType::EntryNormal => {
+                state.apply(e.index, &e.data);
+            }
+            _ => {
+                state.apply(e.index, &[]);
+            }
+        }
+    }
+    let index = state.applied_index;
+    let term = p
+        .entries
+        .iter()
+        .find(|e| e.index == index)
+        .map(|e| e.term)
+        .or_else(|| p.snapshot.as_ref().filter(|(m, _)| m.index == index).map(|(m, _)| m.term))
+        .unwrap_or(p.hard_state.term);
+    let bytes = state.encode();
+    let (cid, blocks) = state_object(&bytes);
+    let conf = raft::eraftpb::ConfState { voters: vec![my_id], ..Default::default() };
+    let mut meta = raft::eraftpb::SnapshotMetadata { index, term, ..Default::default() };
+    meta.set_conf_state(conf.clone());
+    let mut hs = p.hard_state.clone();
+    hs.commit = index;
+    hs.vote = 0;
+    backend.set_snapshot(&meta, &snapshot_data(&cid));
+    backend.save_state(index, &bytes);
+    backend.set_conf_state(&conf);
+    backend.set_hard_state(&hs);
+    backend.sync()?;
+    Ok((state, blocks))
+}

@@ -283,6 +283,14 @@ enum ClusterCommand {
         #[command(subcommand)]
         command: LeaderCommand,
     },
+    /// After losing a majority of managers for good: make this (stopped) manager the only
+    /// voter of its cluster, keeping the state it knows committed. Remove the lost managers
+    /// afterwards with `mycel cluster remove`.
+    Recover {
+        /// Required: this discards the lost managers' votes.
+        #[arg(long)]
+        force_new_cluster: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -1207,6 +1215,7 @@ fn cluster_cmd(ctx: &Ctx, command: ClusterCommand) -> Result<(), Failure> {
             "/v1/cluster/members/role",
             Some(json!({"peer": peer, "role": "edge"})),
         )?,
+        ClusterCommand::Recover { force_new_cluster } => recover(ctx, force_new_cluster)?,
         ClusterCommand::Leader { command: LeaderCommand::Transfer { id } } => api_json(
             ctx,
             "POST",
@@ -1216,4 +1225,68 @@ fn cluster_cmd(ctx: &Ctx, command: ClusterCommand) -> Result<(), Failure> {
     };
     ctx.print(value.clone(), || serde_json::to_string_pretty(&value).unwrap_or_default());
     Ok(())
+}
+
+fn recover(ctx: &Ctx, force: bool) -> Result<serde_json::Value, Failure> {
+    if !force {
+        return Err(Failure::new(
+            EXIT_INVALID,
+            "recovery discards the lost managers' votes: pass --force-new-cluster",
+        ));
+    }
+    ctx.dir.check()?;
+    let socket = ctx.dir.socket_path();
+    if socket.exists() && runtime()?.block_on(api::client::Client::connect(&socket)).is_some() {
+        return Err(Failure::new(
+            EXIT_LOCKED,
+            "stop the daemon first (`mycel cluster recover` works on a stopped node)",
+        ));
+    }
+    let path = ctx.dir.path.join("raft.redb");
+    if !path.exists() {
+        return Err(Failure::new(EXIT_INVALID, "this node has no Raft log: it is not a manager"));
+    }
+    let mut log =
+        crate::cluster::raftlog::RedbLog::open(&path).map_err(|e| Failure::new(EXIT_STORE, e))?;
+    let raft_id = log
+        .get_meta("raft_id")
+        .map_err(|e| Failure::new(EXIT_STORE, e))?
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or_else(|| Failure::new(EXIT_INVALID, "this node is not a manager"))?;
+    let store = ctx.store()?;
+    let load = |cid: &Cid| restore::read_object(&store, cid).ok();
+    let (state, blocks) = mycel_consensus::core::force_new_cluster(&mut log, raft_id, &load)
+        .map_err(|e| Failure::new(EXIT_STORE, e))?;
+    let root = blocks.last().map(|b| b.0);
+    let mut w = store.writer()?;
+    for (cid, bytes) in &blocks {
+        w.put(*cid, bytes)?;
+    }
+    if let Some(root) = root {
+        w.add_root(
+            root,
+            crate::store::RootRecord {
+                kind: "file".into(),
+                len: 0,
+                chunks: 0,
+                hole_bytes: 0,
+                added_ms: now_ms(),
+                name: "cluster-state".into(),
+                source: None,
+            },
+        );
+    }
+    w.commit()?;
+    let lost: Vec<String> = state
+        .members
+        .values()
+        .filter(|m| m.role == mycel_consensus::command::Role::Manager && m.raft_id != raft_id)
+        .filter_map(|m| libp2p::PeerId::from_bytes(&m.peer).ok().map(|p| p.to_string()))
+        .collect();
+    Ok(
+        json!({"raft_id": raft_id, "applied_index": state.applied_index, "members": state.members.len(),
+        "voters": [raft_id], "other_managers": lost,
+        "next": "start the daemon, then `mycel cluster remove PEER` for each lost manager"}),
+    )
 }

@@ -316,10 +316,11 @@ async fn token_create(
     if state.cmd.send(cmd).await.is_err() {
         return unavailable();
     }
-    match rx.await {
-        Ok(Ok(v)) => axum::Json(v).into_response(),
-        Ok(Err(e)) => bad(e),
-        Err(_) => unavailable(),
+    match tokio::time::timeout(std::time::Duration::from_secs(30), rx).await {
+        Ok(Ok(Ok(v))) => axum::Json(v).into_response(),
+        Ok(Ok(Err(e))) => bad(e),
+        Ok(Err(_)) => unavailable(),
+        Err(_) => (StatusCode::GATEWAY_TIMEOUT, "no quorum answered within 30 s\n").into_response(),
     }
 }
 
@@ -353,13 +354,14 @@ async fn token_revoke(
     if state.cmd.send(Command::TokenRevoke(b.id, tx)).await.is_err() {
         return unavailable();
     }
-    match rx.await {
-        Ok(Ok((index, mycel_consensus::state::Outcome::Applied))) => {
+    match tokio::time::timeout(std::time::Duration::from_secs(30), rx).await {
+        Ok(Ok(Ok((index, mycel_consensus::state::Outcome::Applied)))) => {
             axum::Json(serde_json::json!({"revoked": true, "index": index})).into_response()
         }
-        Ok(Ok((_, mycel_consensus::state::Outcome::Rejected(why)))) => bad(why),
-        Ok(Err(e)) => bad(e),
-        Err(_) => unavailable(),
+        Ok(Ok(Ok((_, mycel_consensus::state::Outcome::Rejected(why))))) => bad(why),
+        Ok(Ok(Err(e))) => bad(e),
+        Ok(Err(_)) => unavailable(),
+        Err(_) => (StatusCode::GATEWAY_TIMEOUT, "no quorum answered within 30 s\n").into_response(),
     }
 }
 

@@ -232,3 +232,47 @@ fn a_lost_manager_is_replaced_by_an_eligible_edge() -> Result<()> {
     token(&f.nodes[survivor].0, "edge", "1")?;
     Ok(())
 }
+
+#[test]
+fn recover_after_losing_a_majority() -> Result<()> {
+    // 3 managers; two are killed for good. The survivor cannot commit (no quorum); after
+    // `cluster recover --force-new-cluster` on the stopped survivor it leads alone, keeps the
+    // committed state, and commits again.
+    let _s = serial();
+    let (m1, p1) = Node::mesh(&[])?;
+    fast(&m1)?;
+    let mut r1 = m1.start(&[])?;
+    m1.ok(&["cluster", "init", "--json"])?;
+    let mtok = token(&m1, "manager", "2")?;
+    let mut others = Vec::new();
+    for _ in 0..2 {
+        let (n, _) = Node::mesh(&["--join", &mtok])?;
+        fast(&n)?;
+        let r = n.start(&[])?;
+        others.push((n, r));
+    }
+    wait_for(60, "three voters", || {
+        view(&m1).filter(|v| count(v, "leader") + count(v, "voter") == 3)
+    })?;
+    let kept = m1.ok(&["cluster", "token", "create", "--role", "edge", "--json"])?.json()?;
+    let kept_id = kept["id"].as_str().context("id")?.to_string();
+    for (_, r) in &mut others {
+        r.kill9();
+    }
+    eprintln!("killed two managers");
+    let refused = m1.run(&["cluster", "recover", "--force-new-cluster"])?;
+    assert_ne!(refused.code, 0, "recover refuses while the daemon runs");
+    eprintln!("stopping the survivor");
+    r1.stop()?;
+    eprintln!("recovering");
+    let report = m1.ok(&["cluster", "recover", "--force-new-cluster", "--json"])?.json()?;
+    assert_eq!(report["voters"], serde_json::json!([1]));
+    let _r1 = m1.start(&[])?;
+    eprintln!("restarted");
+    wait_for(30, "the survivor to lead", || {
+        view(&m1).and_then(|v| leader_peer(&v)).filter(|l| *l == p1)
+    })?;
+    assert!(token_ids(&m1).contains(&kept_id), "committed state kept");
+    token(&m1, "edge", "1")?;
+    Ok(())
+}

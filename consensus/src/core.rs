@@ -608,8 +608,25 @@ impl<B: LogBackend> Core<B> {
         self.outputs.pop_front()
     }
 
-    /// The Ready loop, in raft-rs's documented order.
+    /// Runs the Ready loop, then snapshots and membership decisions, until raft-rs has
+    /// nothing more ready.
     fn process(&mut self) -> Result<(), FatalError> {
+        loop {
+            self.ready_loop()?;
+            self.maybe_snapshot()?;
+            // The leader's membership decisions may propose a conf change: run the same loop
+            // again for it.
+            self.reconcile();
+            if !self.raw.has_ready() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The one Ready loop, in raft-rs's documented order: messages a leader may send early,
+    /// snapshot, committed entries, then new entries and hard state with one sync, then the
+    /// messages that depend on them, then the light ready.
+    fn ready_loop(&mut self) -> Result<(), FatalError> {
         while self.raw.has_ready() {
             let mut ready = self.raw.ready();
             // 1. Messages a leader may send before persisting.
@@ -659,8 +676,6 @@ impl<B: LogBackend> Core<B> {
             }
             self.after_input();
         }
-        self.maybe_snapshot()?;
-        self.reconcile();
         Ok(())
     }
 
@@ -815,7 +830,6 @@ impl<B: LogBackend> Core<B> {
         let mut cc = ConfChangeV2::default();
         cc.set_changes(vec![single].into());
         let _ = self.raw.propose_conf_change(Vec::new(), cc);
-        let _ = self.process_inner();
     }
 
     /// Once per election timeout: forgets what concerns nodes that are gone, then the leader
@@ -907,37 +921,6 @@ impl<B: LogBackend> Core<B> {
         self.streak = None;
         self.last_transfer = Some(self.clock);
         self.transfer_leader(best);
-    }
-
-    fn process_inner(&mut self) -> Result<(), FatalError> {
-        // Conf-change proposals produce a Ready; run the loop once more without recursing
-        // into reconcile.
-        while self.raw.has_ready() {
-            let mut ready = self.raw.ready();
-            self.send(ready.take_messages());
-            self.apply_entries(ready.take_committed_entries())?;
-            if !ready.entries().is_empty() {
-                self.raw.mut_store().append(ready.entries());
-                self.backend.append(ready.entries());
-            }
-            if let Some(hs) = ready.hs() {
-                self.raw.mut_store().set_hard_state(hs.clone());
-                self.backend.set_hard_state(hs);
-            }
-            self.backend.sync().map_err(FatalError::Sync)?;
-            self.send(ready.take_persisted_messages());
-            let mut light = self.raw.advance(ready);
-            if let Some(commit) = light.commit_index() {
-                self.raw.mut_store().set_commit(commit);
-            }
-            self.send(light.take_messages());
-            self.apply_entries(light.take_committed_entries())?;
-            self.raw.advance_apply();
-            for to in std::mem::take(&mut self.snapshot_sent) {
-                self.raw.report_snapshot(to, raft::SnapshotStatus::Finish);
-            }
-        }
-        Ok(())
     }
 
     /// Checks the core's invariants.

@@ -227,24 +227,16 @@ pub fn get(
 /// Missing or corrupt blocks, or an object too large.
 pub fn read_object(store: &Store, cid: &Cid) -> Result<Vec<u8>, GetError> {
     let root = root(store, cid)?;
-    if root.len > 1 << 30 {
-        return Err(GetError::Invalid("object too large to load".into()));
-    }
-    let mut out = Vec::with_capacity(root.len as usize);
-    for entry in Leaves::new(store, root.kind, root.tree, root.len) {
-        match entry? {
-            NodeEntry::Chunk { cid, .. } => {
-                out.extend_from_slice(&store.get(&cid)?.ok_or(GetError::Missing(cid))?)
-            }
-            _ => return Err(GetError::Corrupt("unexpected entry in a file tree".into())),
-        }
-    }
-    Ok(out)
+    collect(store, &root, 1 << 30)
 }
 
 /// Every content byte of a (small) file or topology object.
 fn read_all(store: &Store, root: &Root) -> Result<Vec<u8>, GetError> {
-    if root.len > TOPOLOGY_BYTES_MAX {
+    collect(store, root, TOPOLOGY_BYTES_MAX)
+}
+
+fn collect(store: &Store, root: &Root, len_max: u64) -> Result<Vec<u8>, GetError> {
+    if root.len > len_max {
         return Err(GetError::Invalid("object too large to load in memory".into()));
     }
     let mut out = Vec::with_capacity(root.len as usize);

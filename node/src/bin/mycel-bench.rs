@@ -5,6 +5,9 @@
 //! - `fill DIR --chunks N`: writes N small distinct blocks into a store in group commits of
 //!   `--batch` blocks, printing progress (a script kills it with SIGKILL mid-way).
 //! - `open DIR`: times opening a store (after a kill) and counts its blocks.
+//! - `raftlog DIR`: the Raft log's durable append, as redb transactions (what the node uses)
+//!   against a dedicated append-only file with one fdatasync per batch: p50/p99 of 1,000
+//!   single-entry batches each.
 
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)] // a driver: clock and threads
 
@@ -27,6 +30,7 @@ fn main() -> Result<()> {
             fill(&dir, chunks, batch)
         }
         Some("open") => open(&PathBuf::from(args.get(1).context("open DIR")?)),
+        Some("raftlog") => raftlog(&PathBuf::from(args.get(1).context("raftlog DIR")?)),
         _ => bail!("usage: mycel-bench cdc FILE | fill DIR [--chunks N] [--batch N] | open DIR"),
     }
 }
@@ -134,5 +138,57 @@ fn open(dir: &Path) -> Result<()> {
         serde_json::json!({"open_s": open_s, "first_get_s": get_s, "probe_found": found,
                            "blocks": blocks, "rss_kib": rss_kib()})
     );
+    Ok(())
+}
+
+fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[v.len() * 99 / 100])
+}
+
+fn raftlog(dir: &Path) -> Result<()> {
+    use mycel_consensus::log::LogBackend;
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let n = 1000u64;
+    let mut entry = raft::eraftpb::Entry { term: 1, ..Default::default() };
+    entry.data = vec![7u8; 200].into();
+    // redb: one transaction per Ready batch (entry + hard state).
+    let path = dir.join("bench-raft.redb");
+    let _ = std::fs::remove_file(&path);
+    let mut log = mycel_node::cluster::raftlog::RedbLog::open(&path).map_err(anyhow::Error::msg)?;
+    let mut redb_ms = Vec::new();
+    for i in 1..=n {
+        entry.index = i;
+        let hs = raft::eraftpb::HardState { term: 1, vote: 1, commit: i, ..Default::default() };
+        let t = Instant::now();
+        log.append(std::slice::from_ref(&entry));
+        log.set_hard_state(&hs);
+        log.sync().map_err(anyhow::Error::msg)?;
+        redb_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    // A dedicated append-only file: the same bytes, one write and one fdatasync per batch.
+    let apath = dir.join("bench-raft.log");
+    let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&apath)?;
+    let mut append_ms = Vec::new();
+    for i in 1..=n {
+        entry.index = i;
+        let bytes = mycel_consensus::log::encode_entry(&entry);
+        let t = Instant::now();
+        f.write_all(&(bytes.len() as u32).to_le_bytes())?;
+        f.write_all(&bytes)?;
+        f.write_all(&[0u8; 24])?; // the hard state record
+        f.sync_data()?;
+        append_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let (rp50, rp99) = percentiles(redb_ms);
+    let (ap50, ap99) = percentiles(append_ms);
+    println!(
+        "{}",
+        serde_json::json!({"batches": n, "redb_p50_ms": rp50, "redb_p99_ms": rp99,
+            "append_only_p50_ms": ap50, "append_only_p99_ms": ap99})
+    );
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&apath);
     Ok(())
 }

@@ -202,6 +202,8 @@ struct Daemon {
     reads: BTreeMap<Vec<u8>, (u64, Instant, oneshot::Sender<serde_json::Value>)>,
     next_read: u64,
     drives: u64,
+    /// When a manager last answered a follow request.
+    follow_answered: Instant,
 }
 
 fn now(started: Instant) -> Timestamp {
@@ -320,6 +322,7 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
         reads: BTreeMap::new(),
         next_read: 0,
         drives: 0,
+        follow_answered: Instant::now(),
     };
     d.start_cluster().map_err(|e| setup(&e))?;
     tracing::info!(peer_id = %d.me, zone = %d.config.node.zone, "mycel daemon starting");
@@ -1473,6 +1476,7 @@ impl Daemon {
             }
             ClusterFrame::Follow { since } => {
                 if !member {
+                    tracing::debug!(%peer, "follow request from a non-member ignored");
                     return;
                 }
                 let state = self.cluster_state();
@@ -1705,6 +1709,13 @@ impl Daemon {
                 && let Some(t) = self.proposal_target()
             {
                 targets.push(t);
+            }
+            // No answer for a while: the streams may be wedged; open fresh ones.
+            if self.follow_answered.elapsed() > Duration::from_secs(3) {
+                for t in &targets {
+                    self.clinks.remove(t);
+                }
+                self.follow_answered = Instant::now();
             }
             for target in targets {
                 let link = self.clink(target);

@@ -194,7 +194,14 @@ pub fn spawn_link(
     let (tx, mut rx) = mpsc::channel::<ClusterFrame>(1024);
     let reply_tx = tx.clone();
     tokio::spawn(async move {
-        let Ok(stream) = control.open_stream(peer, CLUSTER).await else { return };
+        // An open that never completes (a connection going away under it) must not leave
+        // the link waiting for ever: give up, and the next use opens a fresh one.
+        let opened = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            control.open_stream(peer, CLUSTER),
+        )
+        .await;
+        let Ok(Ok(stream)) = opened else { return };
         let (mut reader, mut writer) = stream.split();
         let reading = tokio::spawn(async move {
             while let Ok(Some(frame)) = read_frame(&mut reader).await {

@@ -60,15 +60,23 @@ fn fleet() -> Result<Fleet> {
     let r1 = m1.start(&[])?;
     m1.ok(&["cluster", "init", "--json"])?;
     let mtok = token(&m1, "manager", "2")?;
-    let etok = token(&m1, "edge", "2")?;
     let mut nodes = vec![(m1, p1)];
     let mut running = vec![Some(r1)];
-    for (i, tok) in [&mtok, &mtok, &etok, &etok].into_iter().enumerate() {
-        let (n, p) = Node::mesh(&["--join", tok])?;
+    for _ in 0..2 {
+        let (n, p) = Node::mesh(&["--join", &mtok])?;
         fast(&n)?;
-        if i >= 2 {
-            n.set_config("tags", "[\"manager-eligible\"]")?;
-        }
+        running.push(Some(n.start(&[])?));
+        nodes.push((n, p));
+    }
+    wait_for(60, "three voters", || {
+        view(&nodes[0].0).filter(|v| count(v, "leader") + count(v, "voter") == 3)
+    })?;
+    // An edge token made now names all three managers.
+    let etok = token(&nodes[0].0, "edge", "2")?;
+    for _ in 0..2 {
+        let (n, p) = Node::mesh(&["--join", &etok])?;
+        fast(&n)?;
+        n.set_config("tags", "[\"manager-eligible\"]")?;
         running.push(Some(n.start(&[])?));
         nodes.push((n, p));
     }
@@ -117,6 +125,17 @@ fn leader_loss_loses_no_acknowledged_change_and_restarts_keep_state() -> Result<
         let want = token_ids(&f.nodes[survivor].0).len();
         wait_for(10, "the edge to apply the commit", || {
             (token_ids(edge).len() >= want).then_some(())
+        })
+        .map_err(|e| {
+            let edge_view =
+                edge.run(&["cluster", "members", "--json"]).map(|r| r.text()).unwrap_or_default();
+            anyhow::anyhow!(
+                "{e}: edge {:?} survivor {:?}\nEDGE VIEW {edge_view}\nEDGE LOG\n{}\nM1 LOG\n{}",
+                token_ids(edge),
+                token_ids(&f.nodes[survivor].0),
+                edge.log(),
+                f.nodes[0].0.log()
+            )
         })?;
         lags.push(t.elapsed());
     }

@@ -90,13 +90,13 @@ on() { local n=$1; shift; MYCEL_DATA_DIR="$WORK/$n" "$M" "$@"; }
 start m1
 on m1 cluster init
 MTOK=$(on m1 cluster token create --role manager --uses 2)
-ETOK=$(on m1 cluster token create --role edge --uses 2)
 start m2 --join "$MTOK"; start m3 --join "$MTOK"
+voters() { on m1 cluster members --json | python3 -c 'import json,sys; v=json.load(sys.stdin); print(sum(m["raft"] in ("leader","voter") for m in v["members"]), len(v["members"]))'; }
+for _ in $(seq 100); do [ "$(voters)" = "3 3" ] && break; sleep 0.2; done
+# A token made now names all three managers.
+ETOK=$(on m1 cluster token create --role edge --uses 2)
 start e1 --join "$ETOK" --zone eu; start e2 --join "$ETOK" --zone eu
-for _ in $(seq 100); do
-    [ "$(on m1 cluster members --json | python3 -c 'import json,sys; v=json.load(sys.stdin); print(sum(m["raft"] in ("leader","voter") for m in v["members"]), len(v["members"]))')" = "3 5" ] && break
-    sleep 0.2
-done
+for _ in $(seq 100); do [ "$(voters)" = "3 5" ] && break; sleep 0.2; done
 on m1 cluster members
 
 say "publish 64 MiB on two nodes; a third fetches it from both at once, verified chunk by chunk"

@@ -99,7 +99,7 @@ start e1 --join "$ETOK" --zone eu; start e2 --join "$ETOK" --zone eu
 for _ in $(seq 100); do [ "$(voters)" = "3 5" ] && break; sleep 0.2; done
 on m1 cluster members
 
-say "publish 64 MiB on two nodes; a third fetches it from both at once, verified chunk by chunk"
+say "publish 64 MiB on two nodes; a third fetches it from the holders it finds, verified chunk by chunk"
 head -c $((64 << 20)) /dev/urandom > "$WORK/model.bin"
 ROOT=$(on e1 add --json "$WORK/model.bin" | root)
 on m2 add --json "$WORK/model.bin" >/dev/null

@@ -1891,7 +1891,6 @@ impl Daemon {
             "members": members,
             "tokens": tokens,
             "pins": state.pins.len(),
-            "digest": state.digest().iter().take(8).map(|b| format!("{b:02x}")).collect::<String>(),
         })
     }
 }

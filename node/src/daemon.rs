@@ -1415,21 +1415,19 @@ impl Daemon {
                 let Ok(p) = mycel_consensus::command::Proposal::decode(&proposal) else { return };
                 let join_only =
                     p.commands.len() == 1 && matches!(p.commands[0], CCommand::Join { .. });
-                if !member && !join_only {
+                let refusal = if !member && !join_only {
+                    Some("not a member")
+                } else if p.from != peer.to_bytes() {
+                    Some("proposal signed for another node")
+                } else {
+                    None
+                };
+                if let Some(reason) = refusal {
                     let _ = reply.try_send(ClusterFrame::Proposed {
                         req,
                         index: 0,
                         applied: false,
-                        reason: "not a member".into(),
-                    });
-                    return;
-                }
-                if p.from != peer.to_bytes() {
-                    let _ = reply.try_send(ClusterFrame::Proposed {
-                        req,
-                        index: 0,
-                        applied: false,
-                        reason: "proposal signed for another node".into(),
+                        reason: reason.into(),
                     });
                     return;
                 }

@@ -303,6 +303,17 @@ pub(crate) fn number_from_text(
 
 /// Writes `s` as a JSON string with the minimal escapes of rule 4.
 pub(crate) fn write_string(s: &str, out: &mut String) {
+    write_quoted(s, out, |c| (c as u32) < 0x20, |c| format!("\\u{:04x}", c as u32));
+}
+
+/// Writes a double-quoted string with the escapes JSON and TOML share (`"`, `\\`, `\b`,
+/// `\f`, `\n`, `\r`, `\t`); other characters `escape` selects are written by `hex`.
+pub(crate) fn write_quoted(
+    s: &str,
+    out: &mut String,
+    escape: impl Fn(char) -> bool,
+    hex: impl Fn(char) -> String,
+) {
     out.push('"');
     for c in s.chars() {
         match c {
@@ -313,7 +324,7 @@ pub(crate) fn write_string(s: &str, out: &mut String) {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c if escape(c) => out.push_str(&hex(c)),
             c => out.push(c),
         }
     }

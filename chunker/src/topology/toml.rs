@@ -211,23 +211,12 @@ fn write_key(key: &str, out: &mut String) {
 
 /// Writes a TOML basic string; control characters (and DEL) are escaped as TOML requires.
 fn write_string(s: &str, out: &mut String) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                out.push_str(&format!("\\u{:04X}", c as u32))
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
+    super::json::write_quoted(
+        s,
+        out,
+        |c| (c as u32) < 0x20 || c == '\u{7f}',
+        |c| format!("\\u{:04X}", c as u32),
+    );
 }
 
 /// Writes a value on one line. Callers have checked that it holds no null and no integer above

@@ -188,6 +188,21 @@ enum Command {
         /// What to treat it as.
         #[arg(long, value_enum, default_value = "auto")]
         kind: KindArg,
+        /// Pin it too (through the running daemon), with the pin options below.
+        #[arg(long)]
+        pin: bool,
+        #[command(flatten)]
+        pin_args: PinArgs,
+    },
+    /// Pins: content the cluster keeps, with replicas, placement and pre-positioning.
+    Pin {
+        #[command(subcommand)]
+        command: PinCommand,
+    },
+    /// Grants: who may read, publish or administer a namespace.
+    Grant {
+        #[command(subcommand)]
+        command: GrantCommand,
     },
     /// Write an object to OUT (`-` for stdout): atomically, sparse for disk images.
     Get {
@@ -250,6 +265,81 @@ enum Command {
         /// The root CID.
         cid: String,
     },
+}
+
+/// Options of a pin.
+#[derive(Debug, Clone, clap::Args)]
+struct PinArgs {
+    /// Replicas as MIN..MAX, or N for exactly N.
+    #[arg(long, default_value = "1..1")]
+    replicas: String,
+    /// Place replicas only in this zone (repeatable).
+    #[arg(long)]
+    zone: Vec<String>,
+    /// Place replicas only on nodes with this tag (repeatable; all must match).
+    #[arg(long)]
+    tag: Vec<String>,
+    /// Every live edge in this zone (or with `tag:T`) holds it (repeatable).
+    #[arg(long)]
+    preposition: Vec<String>,
+    /// Pre-position deadline: RFC 3339 (2026-11-22T02:00:00Z), +DURATION (+90s, +30m,
+    /// +2h, +1d) or HH:MM (the next such time, UTC).
+    #[arg(long)]
+    by: Option<String>,
+    /// A name for people.
+    #[arg(long)]
+    name: Option<String>,
+    /// The namespace whose grants govern it.
+    #[arg(long, default_value = "default")]
+    namespace: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum PinCommand {
+    /// Pin an object.
+    Add {
+        /// The root CID.
+        cid: String,
+        #[command(flatten)]
+        args: PinArgs,
+    },
+    /// Unpin an object (its copies become evictable cache).
+    Rm {
+        /// The root CID.
+        cid: String,
+    },
+    /// Every pin with its replicas and standing.
+    Ls,
+    /// One pin, per node: queued, fetching with percent, held.
+    Status {
+        /// The root CID.
+        cid: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GrantCommand {
+    /// Give SUBJECT (member:PEER, role:R, zone:Z, tag:T or *) PERMISSION (read, publish,
+    /// admin) on NAMESPACE.
+    Add {
+        /// Who.
+        subject: String,
+        /// read, publish or admin.
+        permission: String,
+        /// The namespace.
+        namespace: String,
+    },
+    /// Revoke a grant (transfers to nodes that lose `read` stop within seconds).
+    Rm {
+        /// Who.
+        subject: String,
+        /// read, publish or admin.
+        permission: String,
+        /// The namespace.
+        namespace: String,
+    },
+    /// Every grant.
+    Ls,
 }
 
 #[derive(Debug, Subcommand)]
@@ -498,8 +588,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
     };
     // With a daemon running it holds the store: store commands go through its API.
     if let Some(args) = daemon_args(&cli.command, ctx.json)?
-        && let Some(result) = through_daemon(&ctx, &cli.command, args)?
+        && let Some((result, body)) = through_daemon(&ctx, &cli.command, args)?
     {
+        if let (Ok(()), Command::Add { pin: true, pin_args, .. }) = (&result, &cli.command) {
+            // The root is the first word of the human output, or "root" in JSON.
+            let text = String::from_utf8_lossy(&body);
+            let root = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["root"].as_str().map(str::to_owned))
+                .or_else(|| text.split_whitespace().next().map(str::to_owned))
+                .ok_or_else(|| Failure::new(EXIT_FAILURE, "add printed no root"))?;
+            let v = pin_add(&ctx, &root, pin_args)?;
+            if !ctx.json && !ctx.quiet {
+                eprintln!("pinned {root} (index {})", v["index"]);
+            }
+        }
         return result;
     }
     dispatch(&ctx, cli.command)
@@ -515,7 +618,17 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<(), Failure> {
         Command::Id => id(ctx),
         Command::Status => daemon_get(ctx, "/v1/status"),
         Command::Peers => daemon_get(ctx, "/v1/peers"),
-        Command::Add { path, kind } => add(ctx, path, kind),
+        Command::Add { path, kind, pin, .. } => {
+            if pin {
+                return Err(Failure::new(
+                    EXIT_NO_DAEMON,
+                    "--pin needs a running daemon (start one with `mycel run`)",
+                ));
+            }
+            add(ctx, path, kind)
+        }
+        Command::Pin { command } => pin_cmd(ctx, command),
+        Command::Grant { command } => grant_cmd(ctx, command),
         Command::Get { cid, out, in_place, format, source, .. } => {
             get(ctx, &cid, out, in_place, format, source)
         }
@@ -545,7 +658,7 @@ fn daemon_args(command: &Command, json: bool) -> Result<Option<Vec<String>>, Fai
             .map_err(|e| Failure::new(EXIT_INVALID, format!("{}: {e}", p.display())))
     };
     let mut args: Vec<String> = match command {
-        Command::Add { path, kind } => {
+        Command::Add { path, kind, .. } => {
             if path.as_os_str() == "-" {
                 return Ok(None); // stdin stays with the CLI; handled below
             }
@@ -598,7 +711,7 @@ fn through_daemon(
     ctx: &Ctx,
     command: &Command,
     args: Vec<String>,
-) -> Result<Option<Result<(), Failure>>, Failure> {
+) -> Result<Option<(Result<(), Failure>, Vec<u8>)>, Failure> {
     let socket = ctx.dir.socket_path();
     if !socket.exists() {
         return Ok(None);
@@ -652,14 +765,14 @@ fn through_daemon(
         let _ = out.write_all(&body);
         let _ = out.flush();
         if code == 0 {
-            Ok(Some(Ok(())))
+            Ok(Some((Ok(()), body)))
         } else {
             let mut f = Failure::new(code, error);
             f.reported = true;
             if !ctx.json {
                 f.reported = false;
             }
-            Ok(Some(Err(f)))
+            Ok(Some((Err(f), body)))
         }
     })
 }
@@ -1227,6 +1340,209 @@ fn cluster_cmd(ctx: &Ctx, command: ClusterCommand) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Parses `MIN..MAX` or `N`.
+fn parse_replicas(s: &str) -> Result<(u32, u32), Failure> {
+    let bad = || Failure::new(EXIT_INVALID, format!("--replicas {s:?}: use MIN..MAX or N"));
+    let (a, b) = s.split_once("..").unwrap_or((s, s));
+    let (min, max): (u32, u32) =
+        (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+    if min == 0 || min > max {
+        return Err(Failure::new(EXIT_INVALID, format!("--replicas {s:?}: need 1 <= MIN <= MAX")));
+    }
+    Ok((min, max))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// A deadline in ms since the epoch from `--by`.
+fn parse_deadline(s: &str, now_ms: u64) -> Result<u64, Failure> {
+    let bad = || {
+        Failure::new(
+            EXIT_INVALID,
+            format!("--by {s:?}: use 2026-11-22T02:00:00Z, +30m (s, m, h, d) or HH:MM (UTC)"),
+        )
+    };
+    if let Some(rel) = s.strip_prefix('+') {
+        let (n, unit) = rel.split_at(rel.len().saturating_sub(1));
+        let n: u64 = n.parse().map_err(|_| bad())?;
+        let ms = match unit {
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(bad()),
+        };
+        return Ok(now_ms + n.checked_mul(ms).ok_or_else(bad)?);
+    }
+    let num = |t: &str| t.parse::<u32>().map_err(|_| bad());
+    if let Some((h, m)) = s.split_once(':')
+        && !s.contains('T')
+    {
+        let (h, m) = (num(h)?, num(m)?);
+        if h > 23 || m > 59 {
+            return Err(bad());
+        }
+        let day = 86_400_000;
+        let at = now_ms / day * day + u64::from(h * 3_600_000 + m * 60_000);
+        return Ok(if at > now_ms { at } else { at + day });
+    }
+    // RFC 3339 in UTC: YYYY-MM-DDTHH:MM:SSZ.
+    let b = s.as_bytes();
+    if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[19] != b'Z' {
+        return Err(bad());
+    }
+    let (y, mo, d) = (num(&s[0..4])?, num(&s[5..7])?, num(&s[8..10])?);
+    let (h, mi, se) = (num(&s[11..13])?, num(&s[14..16])?, num(&s[17..19])?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return Err(bad());
+    }
+    let days = days_from_civil(i64::from(y), mo, d);
+    let secs = days * 86_400 + i64::from(h * 3600 + mi * 60 + se);
+    u64::try_from(secs).map(|s| s * 1000).map_err(|_| bad())
+}
+
+fn pin_add(ctx: &Ctx, cid: &str, a: &PinArgs) -> Result<serde_json::Value, Failure> {
+    let root = parse_cid(cid)?;
+    let (min, max) = parse_replicas(&a.replicas)?;
+    mycel_policy::access::validate_namespace(&a.namespace)
+        .map_err(|e| Failure::new(EXIT_INVALID, e))?;
+    let deadline_ms = a.by.as_deref().map(|b| parse_deadline(b, now_ms())).transpose()?;
+    if deadline_ms.is_some() && a.preposition.is_empty() {
+        return Err(Failure::new(EXIT_INVALID, "--by needs --preposition (what must land by then)"));
+    }
+    let body = json!([{
+        "root": root.to_string(),
+        "name": a.name.clone().unwrap_or_default(),
+        "namespace": a.namespace,
+        "replicas_min": min,
+        "replicas_max": max,
+        "zones": a.zone,
+        "tags": a.tag,
+        "preposition": a.preposition,
+        "deadline_ms": deadline_ms.unwrap_or(0),
+    }]);
+    api_json(ctx, "POST", "/v1/pins:batch", Some(body))
+}
+
+fn pin_cmd(ctx: &Ctx, command: PinCommand) -> Result<(), Failure> {
+    let value = match command {
+        PinCommand::Add { cid, args } => pin_add(ctx, &cid, &args)?,
+        PinCommand::Rm { cid } => {
+            let root = parse_cid(&cid)?;
+            api_json(ctx, "POST", "/v1/pins/rm", Some(json!({"root": root.to_string()})))?
+        }
+        PinCommand::Ls => {
+            let v = api_json(ctx, "GET", "/v1/pins", None)?;
+            if !ctx.json {
+                for p in v["pins"].as_array().into_iter().flatten() {
+                    let replicas = p["replicas"].as_u64().map_or("?".into(), |r| r.to_string());
+                    let mut line = format!(
+                        "{}  {}/{}..{}  {:<10} {}",
+                        p["cid"].as_str().unwrap_or_default(),
+                        replicas,
+                        p["replicas_min"],
+                        p["replicas_max"],
+                        p["namespace"].as_str().unwrap_or_default(),
+                        p["name"].as_str().unwrap_or_default(),
+                    );
+                    if let Some(d) = p["deadline"].as_str() {
+                        line += &format!("  pre-position {}/{} {d}", p["preposition_held"], p["preposition_targets"]);
+                    }
+                    if let Some(why) = p["unplaceable"].as_str() {
+                        line += &format!("  UNPLACEABLE: {why}");
+                    }
+                    println!("{line}");
+                }
+                return Ok(());
+            }
+            v["pins"].clone()
+        }
+        PinCommand::Status { cid } => {
+            let root = parse_cid(&cid)?;
+            let v = api_json(ctx, "GET", &format!("/v1/pins?root={root}"), None)?;
+            if !ctx.json {
+                println!(
+                    "{}  replicas {}/{}..{}{}",
+                    root,
+                    v["replicas"].as_u64().map_or("?".into(), |r| r.to_string()),
+                    v["replicas_min"],
+                    v["replicas_max"],
+                    v["unplaceable"].as_str().map(|w| format!("  UNPLACEABLE: {w}")).unwrap_or_default()
+                );
+                for n in v["nodes"].as_array().into_iter().flatten() {
+                    let state = n["state"].as_str().unwrap_or_default();
+                    let pct = n["percent"].as_f64().filter(|_| state == "fetching");
+                    println!(
+                        "  {:<52} {:<7} {:<10} {}{}{}",
+                        n["peer_id"].as_str().unwrap_or_default(),
+                        n["role"].as_str().unwrap_or_default(),
+                        n["zone"].as_str().unwrap_or_default(),
+                        state,
+                        pct.map(|p| format!(" {p}%")).unwrap_or_default(),
+                        if n["alive"].as_bool() == Some(false) { " (lost)" } else { "" },
+                    );
+                }
+                return Ok(());
+            }
+            v
+        }
+    };
+    ctx.print(value.clone(), || serde_json::to_string_pretty(&value).unwrap_or_default());
+    Ok(())
+}
+
+fn grant_cmd(ctx: &Ctx, command: GrantCommand) -> Result<(), Failure> {
+    let check = |s: &str, p: &str, n: &str| {
+        mycel_policy::access::validate_grant(s, p, n).map_err(|e| Failure::new(EXIT_INVALID, e))
+    };
+    let value = match command {
+        GrantCommand::Add { subject, permission, namespace } => {
+            check(&subject, &permission, &namespace)?;
+            api_json(
+                ctx,
+                "POST",
+                "/v1/grants",
+                Some(json!({"subject": subject, "permission": permission, "namespace": namespace})),
+            )?
+        }
+        GrantCommand::Rm { subject, permission, namespace } => {
+            check(&subject, &permission, &namespace)?;
+            api_json(
+                ctx,
+                "POST",
+                "/v1/grants/rm",
+                Some(json!({"subject": subject, "permission": permission, "namespace": namespace})),
+            )?
+        }
+        GrantCommand::Ls => {
+            let v = api_json(ctx, "GET", "/v1/pins", None)?;
+            if !ctx.json {
+                for g in v["grants"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<10} {:<8} {}",
+                        g["namespace"].as_str().unwrap_or_default(),
+                        g["permission"].as_str().unwrap_or_default(),
+                        g["subject"].as_str().unwrap_or_default()
+                    );
+                }
+                return Ok(());
+            }
+            v["grants"].clone()
+        }
+    };
+    ctx.print(value.clone(), || serde_json::to_string_pretty(&value).unwrap_or_default());
+    Ok(())
+}
+
 fn recover(ctx: &Ctx, force: bool) -> Result<serde_json::Value, Failure> {
     if !force {
         return Err(Failure::new(
@@ -1289,4 +1605,28 @@ fn recover(ctx: &Ctx, force: bool) -> Result<serde_json::Value, Failure> {
         "voters": [raft_id], "other_managers": lost,
         "next": "start the daemon, then `mycel cluster remove PEER` for each lost manager"}),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_and_replicas_parse() {
+        // 2026-11-22T00:00:00Z.
+        let midnight = 1_795_305_600_000;
+        assert_eq!(parse_deadline("2026-11-22T00:00:00Z", 0).unwrap(), midnight);
+        assert_eq!(parse_deadline("2026-11-22T02:00:00Z", 0).unwrap(), midnight + 7_200_000);
+        assert_eq!(parse_deadline("+30m", 1000).unwrap(), 1000 + 1_800_000);
+        assert_eq!(parse_deadline("02:00", midnight + 1).unwrap(), midnight + 7_200_000);
+        assert_eq!(parse_deadline("01:00", midnight + 7_200_000).unwrap(), midnight + 90_000_000);
+        for bad in ["tomorrow", "+5y", "25:00", "2026-13-01T00:00:00Z", "+", ""] {
+            assert!(parse_deadline(bad, 0).is_err(), "{bad}");
+        }
+        assert_eq!(parse_replicas("2..3").unwrap(), (2, 3));
+        assert_eq!(parse_replicas("3").unwrap(), (3, 3));
+        assert!(parse_replicas("3..2").is_err());
+        assert!(parse_replicas("0").is_err());
+        assert!(parse_replicas("x").is_err());
+    }
 }

@@ -117,6 +117,8 @@ pub enum Command {
     TokenRevoke(String, cluster::ProposeReply),
     /// Hand leadership to a manager (0: the best other one).
     LeaderTransfer(u64, oneshot::Sender<Result<u64, String>>),
+    /// Pins and grants with their standing, or one pin's status per node.
+    Pins(Option<Cid>, oneshot::Sender<serde_json::Value>),
 }
 
 /// Options of `mycel run` beyond the config file.
@@ -141,6 +143,8 @@ struct Job {
     fetch: Fetch,
     waiters: Vec<mpsc::Sender<FetchUpdate>>,
     storing: bool,
+    /// Replication work: runs without waiters until the plan cancels it.
+    keep: bool,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -204,6 +208,18 @@ struct Daemon {
     drives: u64,
     /// When a manager last answered a follow request.
     follow_answered: Instant,
+    /// Who may read what, for the exchange.
+    access: Arc<RwLock<Arc<crate::access::Access>>>,
+    /// The last replication plan.
+    plan: mycel_policy::plan::Plan,
+    next_plan: Instant,
+    next_budget: Instant,
+    /// An eviction pass is running on a blocking thread.
+    evicting: Arc<std::sync::atomic::AtomicBool>,
+    /// Zone topics subscribed to (every member's zone).
+    zones: BTreeSet<String>,
+    /// Free store bytes, refreshed with the budget.
+    free_bytes: u64,
 }
 
 fn now(started: Instant) -> Timestamp {
@@ -260,7 +276,9 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
             .spawn(move || store_worker(&store, &store_rx, &done_tx))
             .map_err(|e| setup(&e))?;
     }
+    let access = Arc::new(RwLock::new(Arc::new(crate::access::Access::default())));
     let serve_ctx = ServeCtx {
+        access: access.clone(),
         store: store.clone(),
         upload: Limiter::new(config.node.upload_bytes_per_sec),
         members: members.clone(),
@@ -323,6 +341,13 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
         next_read: 0,
         drives: 0,
         follow_answered: Instant::now(),
+        access,
+        plan: mycel_policy::plan::Plan::default(),
+        next_plan: Instant::now(),
+        next_budget: Instant::now(),
+        evicting: Arc::default(),
+        zones: BTreeSet::new(),
+        free_bytes: 0,
     };
     d.start_cluster().map_err(|e| setup(&e))?;
     tracing::info!(peer_id = %d.me, zone = %d.config.node.zone, "mycel daemon starting");
@@ -632,8 +657,19 @@ impl Daemon {
                             .remove(&req)
                             .map(|r| r.0)
                             .or_else(|| self.who_has.remove(&req));
-                        if let Some(job) = root.and_then(|r| self.jobs.get_mut(&r)) {
+                        if let Some(root) = root
+                            && let Some(job) = self.jobs.get_mut(&root)
+                        {
                             job.fetch.handle_refused(cp);
+                            // Every holder refused a requester's fetch: say why, store nothing.
+                            if job.fetch.peers().count() == 0 && !job.keep {
+                                let job = self.jobs.remove(&root).expect("present");
+                                let why = format!("refused by {peer}: {reason}");
+                                let update = self.update_of(&job, "failed", Some(why));
+                                for w in &job.waiters {
+                                    let _ = w.try_send(update.clone());
+                                }
+                            }
                         }
                     }
                     other => {
@@ -657,6 +693,9 @@ impl Daemon {
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
+            Command::Pins(only, reply) => {
+                let _ = reply.send(self.pins_json(only));
+            }
             Command::Id(reply) => {
                 let _ = reply.send(self.id_info());
             }
@@ -680,7 +719,7 @@ impl Daemon {
             Command::ReloadMembers(reply) => {
                 let _ = reply.send(self.reload_members());
             }
-            Command::Fetch { root, updates } => self.start_fetch(root, updates),
+            Command::Fetch { root, updates } => self.start_fetch(root, Some(updates)),
             Command::ClusterInit(reply) => self.cluster_init(reply),
             Command::Propose(commands, reply) => self.propose(commands, reply),
             Command::ClusterView(reply) => {
@@ -779,8 +818,12 @@ impl Daemon {
         })
     }
 
-    fn start_fetch(&mut self, root: Cid, updates: mpsc::Sender<FetchUpdate>) {
+    /// Starts (or joins) a fetch of `root`: for a requester streaming `updates`, or, with
+    /// `None`, as replication work that runs until the plan cancels it.
+    fn start_fetch(&mut self, root: Cid, updates: Option<mpsc::Sender<FetchUpdate>>) {
+        let keep = updates.is_none();
         if let Ok(Some(_)) = self.store.root(&root) {
+            let Some(updates) = updates else { return };
             let _ = updates.try_send(FetchUpdate {
                 total_bytes: 0,
                 done_bytes: 0,
@@ -793,7 +836,8 @@ impl Daemon {
             return;
         }
         if let Some(job) = self.jobs.get_mut(&root) {
-            job.waiters.push(updates);
+            job.waiters.extend(updates);
+            job.keep |= keep;
             return;
         }
         let config = fetch::Config {
@@ -811,12 +855,260 @@ impl Daemon {
                 f.add_peer(h.peer, h.zone.as_deref() == Some(cp_zone.as_str()));
             }
         }
-        self.jobs.insert(root, Job { fetch: f, waiters: vec![updates], storing: false });
+        let waiters = updates.into_iter().collect();
+        self.jobs.insert(root, Job { fetch: f, waiters, storing: false, keep });
         self.metrics.fetches_active.set(self.jobs.len() as i64);
         let peers: Vec<PeerId> = self.connected.keys().copied().collect();
         for p in peers {
             self.send_who_has(p, root);
         }
+    }
+
+    /// Runs the replication plan and carries out this node's part of it.
+    fn replicate(&mut self) {
+        if !self.in_cluster() || self.cluster_state().pins.is_empty() {
+            self.plan = mycel_policy::plan::Plan::default();
+            return;
+        }
+        let now = self.ts();
+        let store = self.store.clone();
+        let complete = |c: &Cid| matches!(store.root(c), Ok(Some(_)));
+        let fetching = self
+            .jobs
+            .iter()
+            .map(|(r, j)| {
+                let p = j.fetch.progress();
+                (*r, (p.done_bytes, p.total_bytes))
+            })
+            .collect();
+        let local = crate::replicate::Local {
+            me: self.me,
+            complete: &complete,
+            fetching,
+            free_bytes: self.free_bytes,
+            load: self.jobs.len() as u32,
+        };
+        let state = self.cluster_state();
+        let size_of = |c: &Cid| store.root(c).ok().flatten().map_or(0, |r| r.len);
+        let pins = crate::replicate::pin_specs(state, &size_of);
+        let nodes = crate::replicate::node_states(
+            state,
+            &self.directory,
+            &local,
+            now,
+            self.config.node.node_lost_ms,
+        );
+        let settings = crate::replicate::settings(state);
+        let plan = mycel_policy::plan::plan(&pins, &nodes, &settings, unix_ms());
+        let me = self.me.to_bytes();
+        let mine: Vec<mycel_policy::plan::Action> = plan.for_node(&me).cloned().collect();
+        for action in mine {
+            use mycel_policy::plan::Action as P;
+            match action {
+                P::Fetch { root, .. } => {
+                    if let Ok(cid) = Cid::from_bytes(&root) {
+                        if !self.jobs.contains_key(&cid) {
+                            tracing::info!(%cid, "replication: fetching");
+                        }
+                        self.start_fetch(cid, None);
+                    }
+                }
+                P::Cancel { root, .. } => {
+                    if let Ok(cid) = Cid::from_bytes(&root)
+                        && self.jobs.get(&cid).is_some_and(|j| j.keep && j.waiters.is_empty())
+                    {
+                        tracing::info!(%cid, "replication: copy work moved elsewhere");
+                        self.jobs.remove(&cid);
+                        self.reqs.retain(|_, (r, _)| *r != cid);
+                    }
+                }
+                P::Release { root, .. } => {
+                    if let Ok(cid) = Cid::from_bytes(&root) {
+                        tracing::info!(%cid, "replication: replica released (now cache)");
+                    }
+                }
+            }
+        }
+        let (mut under, mut risk, mut missed, mut unplaceable) = (0, 0, 0, 0);
+        for (spec, r) in pins.iter().zip(&plan.pins) {
+            under += i64::from(r.replicas < spec.replicas_min);
+            unplaceable += i64::from(r.unplaceable.is_some());
+            match r.preposition.map(|p| p.2) {
+                Some(mycel_policy::plan::Deadline::AtRisk) => risk += 1,
+                Some(mycel_policy::plan::Deadline::Missed) => missed += 1,
+                _ => {}
+            }
+        }
+        self.metrics.pins_under_replicated.set(under);
+        self.metrics.pins_unplaceable.set(unplaceable);
+        self.metrics.prepositions_at_risk.set(risk);
+        self.metrics.prepositions_missed.set(missed);
+        self.metrics.fetches_active.set(self.jobs.len() as i64);
+        self.plan = plan;
+    }
+
+    /// Roots this node must keep: replicas placed here, pre-positions here, copies of pins
+    /// still under their minimum, and the cluster's state objects.
+    fn pinned_here(&self) -> BTreeSet<Vec<u8>> {
+        let me = self.me.to_bytes();
+        let released: BTreeSet<&[u8]> = self
+            .plan
+            .for_node(&me)
+            .filter_map(|a| match a {
+                mycel_policy::plan::Action::Release { root, .. } => Some(root.as_slice()),
+                _ => None,
+            })
+            .collect();
+        let state = self.cluster_state();
+        let mut keep = BTreeSet::new();
+        for r in &self.plan.pins {
+            let under = state.pins.get(&r.root).is_some_and(|p| r.replicas < p.replicas_min);
+            let placed = r.holders.contains(&me) && !released.contains(r.root.as_slice());
+            if under || placed {
+                keep.insert(r.root.clone());
+            }
+        }
+        // Before the first plan, every pinned root is kept.
+        if self.plan.pins.is_empty() {
+            keep.extend(state.pins.keys().cloned());
+        }
+        keep
+    }
+
+    /// Refreshes free bytes and, above the high watermark, evicts cached objects no pin
+    /// needs here, oldest first, on a blocking thread.
+    fn budget(&mut self) {
+        let n = &self.config.node;
+        let used = self.store.used_bytes().unwrap_or(0);
+        self.free_bytes = if n.capacity_bytes > 0 {
+            n.capacity_bytes.saturating_sub(used)
+        } else {
+            fs_free_bytes(&self.dir.path)
+        };
+        let marks = mycel_policy::budget::Watermarks {
+            high: f64::from(n.high_watermark_pct) / 100.0,
+            low: f64::from(n.low_watermark_pct) / 100.0,
+        };
+        if n.capacity_bytes == 0
+            || (used as f64) <= marks.high * n.capacity_bytes as f64
+            || self.evicting.load(std::sync::atomic::Ordering::Acquire)
+        {
+            return;
+        }
+        let mut keep = self.pinned_here();
+        keep.extend(self.jobs.keys().map(|c| c.to_bytes().to_vec()));
+        let capacity = n.capacity_bytes;
+        let store = self.store.clone();
+        let flag = self.evicting.clone();
+        let metrics = self.metrics.clone();
+        flag.store(true, std::sync::atomic::Ordering::Release);
+        tokio::task::spawn_blocking(move || {
+            let result = evict(&store, &keep, used, capacity, marks, &metrics);
+            if let Err(e) = result {
+                tracing::warn!("eviction: {e}");
+            }
+            flag.store(false, std::sync::atomic::Ordering::Release);
+        });
+    }
+
+    fn pins_json(&self, only: Option<Cid>) -> serde_json::Value {
+        let state = self.cluster_state();
+        let report = |root: &[u8]| self.plan.pins.iter().find(|r| r.root == root);
+        let peer_text = |b: &[u8]| PeerId::from_bytes(b).map_or_else(|_| "?".into(), |p| p.to_string());
+        let pin_json = |p: &mycel_consensus::command::Pin| {
+            let r = report(&p.root);
+            let cid = Cid::from_bytes(&p.root).map_or_else(|_| "?".into(), |c| c.to_string());
+            let pre = r.and_then(|r| r.preposition);
+            serde_json::json!({
+                "cid": cid,
+                "name": p.name,
+                "namespace": p.namespace,
+                "replicas_min": p.replicas_min,
+                "replicas_max": p.replicas_max,
+                "zones": p.zones,
+                "tags": p.tags,
+                "preposition": p.preposition,
+                "deadline_ms": p.deadline_ms,
+                "replicas": r.map(|r| r.replicas),
+                "copying": r.map(|r| r.copying),
+                "holders": r.map(|r| r.holders.iter().map(|h| peer_text(h)).collect::<Vec<_>>()),
+                "unplaceable": r.and_then(|r| r.unplaceable.clone()),
+                "preposition_held": pre.map(|p| p.0),
+                "preposition_targets": pre.map(|p| p.1),
+                "deadline": pre.map(|p| p.2.as_str()),
+            })
+        };
+        let Some(root) = only else {
+            let pins: Vec<serde_json::Value> = state.pins.values().map(pin_json).collect();
+            let grants: Vec<serde_json::Value> = state
+                .grants
+                .iter()
+                .map(|g| serde_json::json!({"subject": g.subject, "permission": g.permission,
+                    "namespace": g.namespace}))
+                .collect();
+            return serde_json::json!({"pins": pins, "grants": grants});
+        };
+        let key = root.to_bytes().to_vec();
+        let Some(pin) = state.pins.get(&key) else {
+            return serde_json::json!({"error": format!("{root} is not pinned")});
+        };
+        let fetch_planned: BTreeSet<&[u8]> = self
+            .plan
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                mycel_policy::plan::Action::Fetch { node, root } if *root == key => {
+                    Some(node.as_slice())
+                }
+                _ => None,
+            })
+            .collect();
+        let now = self.ts();
+        let nodes: Vec<serde_json::Value> = state
+            .members
+            .values()
+            .filter_map(|m| {
+                let peer = PeerId::from_bytes(&m.peer).ok()?;
+                let (held, alive) = if peer == self.me {
+                    let held = if matches!(self.store.root(&root), Ok(Some(_))) {
+                        Some((true, None))
+                    } else {
+                        self.jobs.get(&root).map(|j| {
+                            let p = j.fetch.progress();
+                            (false, Some((p.done_bytes, p.total_bytes)))
+                        })
+                    };
+                    (held, true)
+                } else {
+                    let cp = net::core_peer(&peer);
+                    let alive = self.directory.node(&cp).is_some_and(|i| {
+                        now.since(i.seen) <= self.config.node.node_lost_ms
+                    });
+                    (self.directory.holding(&root, &cp), alive)
+                };
+                let (state_name, percent) = match held {
+                    Some((true, _)) => ("held", Some(100.0)),
+                    Some((false, Some((done, total)))) if total > 0 => {
+                        ("fetching", Some((done as f64 * 1000.0 / total as f64).round() / 10.0))
+                    }
+                    Some((false, _)) => ("fetching", None),
+                    None if fetch_planned.contains(m.peer.as_slice()) => ("queued", None),
+                    None => ("-", None),
+                };
+                Some(serde_json::json!({
+                    "peer_id": peer.to_string(),
+                    "role": m.role.as_str(),
+                    "zone": m.zone,
+                    "alive": alive,
+                    "state": state_name,
+                    "percent": percent,
+                    "replica": report(&key).is_some_and(|r| r.holders.contains(&m.peer)),
+                }))
+            })
+            .collect();
+        let mut v = pin_json(pin);
+        v["nodes"] = serde_json::Value::Array(nodes);
+        v
     }
 
     fn update_of(&self, job: &Job, state: &str, error: Option<String>) -> FetchUpdate {
@@ -891,6 +1183,17 @@ impl Daemon {
         if self.announcer.poll_timeout() <= now {
             self.announce(now);
         }
+        if Instant::now() >= self.next_budget {
+            self.next_budget = Instant::now() + Duration::from_secs(5);
+            self.budget();
+        }
+        if Instant::now() >= self.next_plan {
+            // Large pin sets are planned less often: about 10,000 pins per interval.
+            let scale = 1 + self.cluster_state().pins.len() as u64 / 10_000;
+            self.next_plan = Instant::now()
+                + Duration::from_millis(self.config.node.replication_interval_ms * scale);
+            self.replicate();
+        }
         if Instant::now() >= self.next_housekeeping {
             self.next_housekeeping = Instant::now() + Duration::from_millis(250);
             self.directory.expire(now);
@@ -904,7 +1207,11 @@ impl Daemon {
                         let _ = w.try_send(u.clone());
                     }
                     // Nobody waits any more: stop (what is stored stays, for a later resume).
-                    if job.waiters.is_empty() && !job.storing && self.awaiting_state != Some(root) {
+                    if job.waiters.is_empty()
+                        && !job.storing
+                        && !job.keep
+                        && self.awaiting_state != Some(root)
+                    {
                         tracing::info!(%root, "fetch abandoned by its requesters");
                         self.jobs.remove(&root);
                         self.reqs.retain(|_, (r, _)| *r != root);
@@ -935,7 +1242,12 @@ impl Daemon {
                 Partial { root: r.to_bytes(), done_bytes: p.done_bytes, total_bytes: p.total_bytes }
             })
             .collect();
-        let holdings = Holdings { complete, partial, load: self.jobs.len() as u32, free_bytes: 0 };
+        let holdings = Holdings {
+            complete,
+            partial,
+            load: self.jobs.len() as u32,
+            free_bytes: self.free_bytes,
+        };
         let Some(ann) = self.announcer.handle_timeout(now, &holdings) else { return };
         let topic = net::announce_topic(&self.config.node.zone);
         match self.swarm.behaviour_mut().gossipsub.publish(topic, ann.encode()) {
@@ -1063,6 +1375,61 @@ impl Daemon {
             }
         }
     }
+}
+
+/// Evicts cached roots oldest first down to the low watermark, then collects garbage.
+fn evict(
+    store: &Store,
+    keep: &BTreeSet<Vec<u8>>,
+    used: u64,
+    capacity: u64,
+    marks: mycel_policy::budget::Watermarks,
+    metrics: &Metrics,
+) -> Result<(), crate::store::StoreError> {
+    let objects: Vec<mycel_policy::budget::Cached> = store
+        .roots()?
+        .into_iter()
+        .map(|(cid, r)| mycel_policy::budget::Cached {
+            root: cid.to_bytes().to_vec(),
+            // Shared blocks make this an upper bound; the pass repeats until under the mark.
+            bytes: r.len.saturating_sub(r.hole_bytes),
+            last_used_ms: r.added_ms,
+            pinned: keep.contains(cid.to_bytes().as_slice()) || r.name == "cluster-state",
+        })
+        .collect();
+    let plan = mycel_policy::budget::evict(&objects, used, capacity, marks);
+    if plan.full {
+        tracing::warn!("store above its high watermark with pinned content alone");
+    }
+    if plan.evict.is_empty() {
+        return Ok(());
+    }
+    for root in &plan.evict {
+        if let Ok(cid) = Cid::from_bytes(root)
+            && store.remove_root(&cid)?
+        {
+            tracing::info!(%cid, "evicted from cache (storage budget)");
+            metrics.evictions.inc();
+        }
+    }
+    let report = store.gc()?;
+    tracing::info!(removed_blocks = report.removed_blocks, "eviction: garbage collected");
+    Ok(())
+}
+
+/// Free bytes on the filesystem holding `path` (0 if unknown).
+fn fs_free_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return 0 };
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` is written by statvfs on success.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return 0;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    u64::from(st.f_bavail).saturating_mul(st.f_frsize)
 }
 
 /// The store thread: appends fetched blocks and commits them in groups (by size, or as soon
@@ -1555,6 +1922,19 @@ impl Daemon {
         }
         let old = self.members.read().expect("members lock").clone();
         self.apply_members(new, &old);
+        let access = crate::access::Access::from_state(self.cluster_state(), self.in_cluster());
+        *self.access.write().expect("access lock") = Arc::new(access);
+        // Hear every zone's announcements: placement spans zones.
+        let zones: BTreeSet<String> =
+            self.cluster_state().members.values().map(|m| m.zone.clone()).collect();
+        for z in zones {
+            if !self.zones.contains(&z) {
+                let topic = net::announce_topic(&z);
+                if self.swarm.behaviour_mut().gossipsub.subscribe(&topic).is_ok() {
+                    self.zones.insert(z);
+                }
+            }
+        }
         let removed: Vec<PeerId> = self
             .cluster_state()
             .removed
@@ -1814,7 +2194,7 @@ impl Daemon {
                 COutput::NeedState(cid) => {
                     self.awaiting_state = Some(cid);
                     let (tx, _rx) = mpsc::channel(1);
-                    self.start_fetch(cid, tx);
+                    self.start_fetch(cid, Some(tx));
                 }
             }
         }

@@ -94,6 +94,17 @@ pub struct NodeSection {
     pub download_bytes_per_sec: u64,
     /// A request unanswered this long moves to other peers.
     pub request_timeout_ms: u64,
+    /// Store capacity in bytes for placement and the storage budget (0: the filesystem's
+    /// free space, and no eviction).
+    pub capacity_bytes: u64,
+    /// Eviction of unpinned cache starts above this percentage of capacity...
+    pub high_watermark_pct: u8,
+    /// ...and stops at this one.
+    pub low_watermark_pct: u8,
+    /// Milliseconds between replication plans.
+    pub replication_interval_ms: u64,
+    /// A node not heard from this long is lost: its replicas are replaced.
+    pub node_lost_ms: u64,
 }
 
 impl Default for NodeSection {
@@ -106,6 +117,11 @@ impl Default for NodeSection {
             upload_bytes_per_sec: 0,
             download_bytes_per_sec: 0,
             request_timeout_ms: 10_000,
+            capacity_bytes: 0,
+            high_watermark_pct: 90,
+            low_watermark_pct: 80,
+            replication_interval_ms: 1_000,
+            node_lost_ms: 15_000,
         }
     }
 }
@@ -217,6 +233,16 @@ upload_bytes_per_sec = 0
 download_bytes_per_sec = 0
 # A request unanswered this long moves to other peers.
 request_timeout_ms = 10000
+# Store capacity in bytes, for placement and the storage budget (0: the filesystem's free
+# space, and no eviction). Above the high watermark (percent of capacity), cached content
+# that no pin needs here is evicted oldest first down to the low watermark.
+capacity_bytes = 0
+high_watermark_pct = 90
+low_watermark_pct = 80
+# Milliseconds between replication plans, and silence after which a node counts as lost
+# (its replicas are made again elsewhere).
+replication_interval_ms = 1000
+node_lost_ms = 15000
 
 [cluster]
 # PeerIds allowed to connect and fetch, beside the members the quorum commits.
@@ -458,6 +484,20 @@ pub fn load_config(path: &Path) -> Result<NodeConfig, DataDirError> {
         path: path.display().to_string(),
         what: e.to_string(),
     })?;
+    let n = &config.node;
+    let invalid = |what: &str| DataDirError::Invalid {
+        path: path.display().to_string(),
+        what: what.to_string(),
+    };
+    if !(n.low_watermark_pct >= 1
+        && n.low_watermark_pct <= n.high_watermark_pct
+        && n.high_watermark_pct <= 100)
+    {
+        return Err(invalid("[node] watermarks must satisfy 1 <= low_watermark_pct <= high_watermark_pct <= 100"));
+    }
+    if n.replication_interval_ms == 0 || n.node_lost_ms == 0 {
+        return Err(invalid("[node] replication_interval_ms and node_lost_ms must be above 0"));
+    }
     Ok(config)
 }
 

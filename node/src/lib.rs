@@ -19,6 +19,7 @@
 // bookkeeping whose order never matters.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
+pub mod access;
 pub mod api;
 pub mod cli;
 pub mod cluster;
@@ -28,5 +29,6 @@ pub mod ingest;
 pub mod metrics;
 pub mod net;
 pub mod objects;
+pub mod replicate;
 pub mod restore;
 pub mod store;

@@ -15,3 +15,4 @@ pub mod access;
 pub mod budget;
 pub mod placement;
 pub mod plan;
+pub mod topology;

@@ -138,6 +138,8 @@ pub struct Holder {
 struct Seen {
     complete: bool,
     at: Timestamp,
+    /// Content bytes held and in all, for a partial holder that announced its progress.
+    progress: Option<(u64, u64)>,
 }
 
 /// Who holds which root, from announcements and who-has answers.
@@ -180,7 +182,7 @@ impl Directory {
         }
         let mut partial = Vec::with_capacity(a.partial.len());
         for p in &a.partial {
-            partial.push(crate::wire::cid(&p.root)?);
+            partial.push((crate::wire::cid(&p.root)?, (p.done_bytes, p.total_bytes)));
         }
         if let Some(info) = self.nodes.get(&from)
             && info.seq >= a.seq
@@ -199,26 +201,42 @@ impl Directory {
             },
         );
         for root in roots {
-            self.record(from, root, true, now);
+            self.record(from, root, true, now, None);
         }
-        for root in partial {
-            self.record(from, root, false, now);
+        for (root, progress) in partial {
+            self.record(from, root, false, now, Some(progress));
         }
         Ok(())
     }
 
     /// A who-has answer: `from` holds `root` (completely or in part).
     pub fn handle_holding(&mut self, from: PeerId, root: Cid, complete: bool, now: Timestamp) {
-        self.record(from, root, complete, now);
+        self.record(from, root, complete, now, None);
     }
 
-    fn record(&mut self, peer: PeerId, root: Cid, complete: bool, now: Timestamp) {
+    fn record(
+        &mut self,
+        peer: PeerId,
+        root: Cid,
+        complete: bool,
+        now: Timestamp,
+        progress: Option<(u64, u64)>,
+    ) {
         let tracked = self.by_node.entry(peer).or_default();
         if !tracked.contains(&root) && tracked.len() >= NODE_ROOTS_MAX {
             return;
         }
         tracked.insert(root);
-        self.roots.entry(root).or_default().insert(peer, Seen { complete, at: now });
+        let seen = self.roots.entry(root).or_default().entry(peer).or_insert(Seen {
+            complete,
+            at: now,
+            progress: None,
+        });
+        seen.complete = complete;
+        seen.at = now;
+        if progress.is_some() || complete {
+            seen.progress = progress;
+        }
     }
 
     /// A peer left the mesh: forget what it held.
@@ -275,6 +293,17 @@ impl Directory {
             .unwrap_or_default();
         out.sort_by_key(|h| (!h.complete, h.peer));
         out
+    }
+
+    /// Whether `peer` holds `root`: `Some((complete, progress))`, with progress as (content
+    /// bytes held, content bytes in all) when a partial holder announced it.
+    pub fn holding(&self, root: &Cid, peer: &PeerId) -> Option<(bool, Option<(u64, u64)>)> {
+        self.roots.get(root)?.get(peer).map(|s| (s.complete, s.progress))
+    }
+
+    /// Every node heard from, with what is known of it.
+    pub fn nodes(&self) -> impl Iterator<Item = (&PeerId, &NodeInfo)> {
+        self.nodes.iter()
     }
 
     /// What is known of a node.

@@ -12,6 +12,8 @@
 //! feed inputs with the current [`Timestamp`] and carry out the returned actions.
 
 pub mod announce;
+#[cfg(feature = "sim-bugs")]
+pub mod bugs;
 pub mod fetch;
 mod types;
 pub mod wire;

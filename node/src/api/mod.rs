@@ -131,6 +131,10 @@ fn router(state: AppState) -> Router {
         .route("/v1/cluster/members/remove", post(member_remove))
         .route("/v1/cluster/members/role", post(member_role))
         .route("/v1/cluster/leader/transfer", post(leader_transfer))
+        .route("/v1/pins", get(pins_list))
+        .route("/v1/pins/rm", post(pin_rm))
+        .route("/v1/grants", post(grant_add))
+        .route("/v1/grants/rm", post(grant_rm))
         .route(
             "/v1/pins:batch",
             // 100,000 pins in one request are ~10 MB of JSON.
@@ -423,6 +427,14 @@ struct PinBody {
     replicas_min: u32,
     #[serde(default = "one")]
     replicas_max: u32,
+    #[serde(default)]
+    zones: Vec<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    preposition: Vec<String>,
+    #[serde(default)]
+    deadline_ms: u64,
 }
 
 fn one() -> u32 {
@@ -441,17 +453,31 @@ async fn pins_batch(
             let Ok(root) = p.root.parse::<mycel_chunker::Cid>() else {
                 return bad(format!("bad CID {:?}", p.root));
             };
+            let namespace = if p.namespace.is_empty() {
+                mycel_policy::access::DEFAULT_NAMESPACE.to_string()
+            } else {
+                p.namespace.clone()
+            };
+            if let Err(e) = mycel_policy::access::validate_namespace(&namespace) {
+                return bad(e);
+            }
+            if p.replicas_min == 0 || p.replicas_min > p.replicas_max || p.replicas_max > 1000 {
+                return bad(format!(
+                    "replicas {}..{}: need 1 <= MIN <= MAX <= 1000",
+                    p.replicas_min, p.replicas_max
+                ));
+            }
             commands.push(mycel_consensus::command::Command::AddPin(
                 mycel_consensus::command::Pin {
                     root: root.to_bytes().to_vec(),
                     name: p.name.clone(),
-                    namespace: p.namespace.clone(),
+                    namespace,
                     replicas_min: p.replicas_min,
                     replicas_max: p.replicas_max,
-                    zones: vec![],
-                    tags: vec![],
-                    preposition: vec![],
-                    deadline_ms: 0,
+                    zones: p.zones.clone(),
+                    tags: p.tags.clone(),
+                    preposition: p.preposition.clone(),
+                    deadline_ms: p.deadline_ms,
                 },
             ));
         }
@@ -462,4 +488,88 @@ async fn pins_batch(
         applied += chunk.len();
     }
     axum::Json(serde_json::json!({"pinned": applied})).into_response()
+}
+
+#[derive(Deserialize)]
+struct RootBody {
+    root: String,
+}
+
+async fn pin_rm(State(state): State<AppState>, axum::Json(b): axum::Json<RootBody>) -> Response {
+    let Ok(root) = b.root.parse::<mycel_chunker::Cid>() else {
+        return bad(format!("bad CID {:?}", b.root));
+    };
+    propose(
+        &state,
+        vec![mycel_consensus::command::Command::RemovePin { root: root.to_bytes().to_vec() }],
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+struct PinsQuery {
+    #[serde(default)]
+    root: Option<String>,
+}
+
+async fn pins_list(
+    State(state): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<PinsQuery>,
+) -> Response {
+    let only = match q.root.as_deref().map(str::parse::<mycel_chunker::Cid>) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => return bad(format!("bad CID: {e}")),
+    };
+    match ask(&state, |tx| Command::Pins(only, tx)).await {
+        Some(v) if v.get("error").is_some() => {
+            (StatusCode::NOT_FOUND, format!("{}\n", v["error"].as_str().unwrap_or_default()))
+                .into_response()
+        }
+        Some(v) => axum::Json(v).into_response(),
+        None => unavailable(),
+    }
+}
+
+#[derive(Deserialize)]
+struct GrantBody {
+    subject: String,
+    permission: String,
+    namespace: String,
+}
+
+async fn grant_change(
+    state: &AppState,
+    b: GrantBody,
+    add: bool,
+) -> Response {
+    // A member named by PeerId is checked here, so a typo is an error rather than a grant
+    // that matches nobody.
+    if let Some(p) = b.subject.strip_prefix("member:")
+        && crate::net::parse_peer(p).is_err()
+    {
+        return bad(format!("bad PeerId in {:?}", b.subject));
+    }
+    if let Err(e) = mycel_policy::access::validate_grant(&b.subject, &b.permission, &b.namespace) {
+        return bad(e);
+    }
+    let g = mycel_consensus::command::Grant {
+        subject: b.subject,
+        permission: b.permission,
+        namespace: b.namespace,
+    };
+    let c = if add {
+        mycel_consensus::command::Command::AddGrant(g)
+    } else {
+        mycel_consensus::command::Command::RemoveGrant(g)
+    };
+    propose(state, vec![c]).await
+}
+
+async fn grant_add(State(state): State<AppState>, axum::Json(b): axum::Json<GrantBody>) -> Response {
+    grant_change(&state, b, true).await
+}
+
+async fn grant_rm(State(state): State<AppState>, axum::Json(b): axum::Json<GrantBody>) -> Response {
+    grant_change(&state, b, false).await
 }

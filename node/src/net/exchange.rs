@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use super::EXCHANGE;
 use super::limit::Limiter;
+use crate::access::Access;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -66,6 +67,9 @@ pub struct ServeCtx {
     pub members: Arc<RwLock<BTreeSet<PeerId>>>,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// Who may read what (swapped whole when the configuration changes; checked before
+    /// every block, so a revocation stops transfers already under way).
+    pub access: Arc<RwLock<Arc<Access>>>,
     /// Test only: flip a bit in every chunk served.
     pub corrupt: bool,
 }
@@ -93,7 +97,7 @@ pub async fn serve(mut stream: Stream, peer: PeerId, ctx: ServeCtx) {
                 write_frame(&mut stream, &Frame::Refused { req, reason: "not a member".into() })
                     .await
             }
-            Frame::Want { req, cids, .. } => serve_want(&mut stream, req, &cids, &ctx).await,
+            Frame::Want { req, root, cids } => serve_want(&mut stream, peer, req, &root, &cids, &ctx).await,
             Frame::WhoHas { req, root } => {
                 let answer = match wire::cid(&root) {
                     Ok(cid) => match (ctx.store.root(&cid), ctx.store.has(&cid)) {
@@ -120,12 +124,34 @@ pub async fn serve(mut stream: Stream, peer: PeerId, ctx: ServeCtx) {
 
 async fn serve_want(
     stream: &mut Stream,
+    peer: PeerId,
     req: u64,
+    root: &wire::CidBytes,
     cids: &[wire::CidBytes],
     ctx: &ServeCtx,
 ) -> io::Result<()> {
+    let Ok(root) = wire::cid(root) else {
+        let reason = "malformed root".to_string();
+        return write_frame(stream, &Frame::Refused { req, reason }).await;
+    };
     for c in cids {
-        let answer = match wire::cid(c).ok().map(|cid| (cid, ctx.store.get(&cid))) {
+        // Checked per block: a revocation committed while this want is served stops it.
+        let access = ctx.access.read().expect("access lock").clone();
+        if let Err(reason) = access.may_read(&peer, &root) {
+            ctx.metrics.refused_requests.inc();
+            write_frame(stream, &Frame::Refused { req, reason }).await?;
+            return stream.flush().await;
+        }
+        let cid = wire::cid(c).ok();
+        if let Some(cid) = cid
+            && !access.in_tree(&ctx.store, &root, &cid)
+        {
+            ctx.metrics.refused_requests.inc();
+            let reason = format!("{cid} is not part of {root}");
+            write_frame(stream, &Frame::Refused { req, reason }).await?;
+            return stream.flush().await;
+        }
+        let answer = match cid.map(|cid| (cid, ctx.store.get(&cid))) {
             Some((cid, Ok(Some(mut bytes)))) => {
                 if ctx.corrupt && cid.codec() == Codec::Raw && !bytes.is_empty() {
                     bytes[0] ^= 1;

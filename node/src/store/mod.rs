@@ -647,6 +647,25 @@ impl Store {
     /// # Errors
     /// IO or index errors.
     pub fn remove_root(&self, cid: &Cid) -> Result<bool, StoreError> {
+        self.remove_root_inner(cid)
+    }
+
+    /// Bytes of pack files, live and garbage: what the store occupies on disk (cheap: one
+    /// row per pack).
+    ///
+    /// # Errors
+    /// Index errors.
+    pub fn used_bytes(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read().map_err(index_err)?;
+        let packs = tx.open_table(PACKS).map_err(index_err)?;
+        let mut total = 0;
+        for item in packs.iter().map_err(index_err)? {
+            total += item.map_err(index_err)?.1.value();
+        }
+        Ok(total)
+    }
+
+    fn remove_root_inner(&self, cid: &Cid) -> Result<bool, StoreError> {
         if self.root(cid)?.is_none() {
             return Ok(false);
         }

@@ -88,6 +88,10 @@ struct MemInner {
     pending: Vec<Op>,
     syncs: u64,
     fail_sync: bool,
+    /// Planted bug [`bugs::ACK_BEFORE_FSYNC`]: writes a sync reported durable but did not
+    /// make durable.
+    #[cfg(feature = "sim-bugs")]
+    behind: Vec<Op>,
 }
 
 impl MemBackend {
@@ -98,7 +102,10 @@ impl MemBackend {
 
     /// Drops every unsynced write, as a power loss would.
     pub fn crash(&self) {
-        self.inner.lock().expect("mem backend lock").pending.clear();
+        let mut inner = self.inner.lock().expect("mem backend lock");
+        inner.pending.clear();
+        #[cfg(feature = "sim-bugs")]
+        inner.behind.clear();
     }
 
     /// Syncs performed so far.
@@ -142,6 +149,18 @@ impl LogBackend for MemBackend {
         if inner.fail_sync {
             return Err("simulated fsync failure".into());
         }
+        #[cfg(feature = "sim-bugs")]
+        if bugs::on(bugs::ACK_BEFORE_FSYNC) {
+            // Write-behind: this sync makes durable only what the previous one was given, so
+            // the core acknowledges a batch that a crash can still lose.
+            let due = std::mem::take(&mut inner.behind);
+            inner.behind = std::mem::take(&mut inner.pending);
+            for op in due {
+                apply_op(&mut inner.durable, op);
+            }
+            inner.syncs += 1;
+            return Ok(());
+        }
         let ops = std::mem::take(&mut inner.pending);
         for op in ops {
             apply_op(&mut inner.durable, op);
@@ -151,7 +170,42 @@ impl LogBackend for MemBackend {
     }
 
     fn load(&self) -> Result<Persisted, String> {
-        Ok(self.inner.lock().expect("mem backend lock").durable.clone())
+        #[allow(unused_mut)]
+        let mut p = self.inner.lock().expect("mem backend lock").durable.clone();
+        #[cfg(feature = "sim-bugs")]
+        if bugs::on(bugs::FORGET_VOTE) {
+            // The persisted vote is lost: after a restart the node may vote again in a term
+            // it already voted in.
+            p.hard_state.vote = 0;
+        }
+        Ok(p)
+    }
+}
+
+/// Planted bugs (feature `sim-bugs`, simulator only): runtime switches that break the
+/// in-memory backend on purpose so the simulator's checkers can prove they fail. Switches
+/// are per thread, so a sweep running seeds on several threads keeps them apart.
+#[cfg(feature = "sim-bugs")]
+pub mod bugs {
+    use std::cell::Cell;
+
+    /// [`super::MemBackend::sync`] acknowledges a batch before it is durable.
+    pub const ACK_BEFORE_FSYNC: u32 = 1 << 0;
+    /// [`super::MemBackend`] forgets the persisted vote on restart (votes twice in a term).
+    pub const FORGET_VOTE: u32 = 1 << 1;
+
+    thread_local! {
+        static SWITCHES: Cell<u32> = const { Cell::new(0) };
+    }
+
+    /// Sets the switches of this thread (a bitwise or of the constants above).
+    pub fn set(switches: u32) {
+        SWITCHES.with(|s| s.set(switches));
+    }
+
+    /// Whether `switch` is on in this thread.
+    pub fn on(switch: u32) -> bool {
+        SWITCHES.with(|s| s.get() & switch != 0)
     }
 }
 

@@ -1,0 +1,39 @@
+//! Planted bugs: switches that break the system on purpose so the checkers can prove they
+//! fail. They take effect only in a build with the `sim-bugs` feature (which also plants
+//! the hooks in mycel-proto and mycel-consensus); elsewhere they are ignored.
+
+/// The fetch core accepts blocks that do not match their CID.
+pub const SKIP_CID_CHECK: u32 = 1 << 0;
+/// The Raft log backend acknowledges a batch before it is durable.
+pub const ACK_BEFORE_FSYNC: u32 = 1 << 1;
+/// The Raft log backend forgets its vote on restart, so a node can vote twice in a term.
+pub const VOTE_TWICE: u32 = 1 << 2;
+/// The serving side skips the requester's read grant.
+pub const SERVE_WITHOUT_GRANT: u32 = 1 << 3;
+
+/// Every planted bug by name.
+pub const ALL: [(&str, u32); 4] = [
+    ("skip-cid-check", SKIP_CID_CHECK),
+    ("ack-before-fsync", ACK_BEFORE_FSYNC),
+    ("vote-twice", VOTE_TWICE),
+    ("serve-without-grant", SERVE_WITHOUT_GRANT),
+];
+
+/// Parses a comma-separated list of bug names.
+///
+/// # Errors
+/// A message naming the unknown bug and the known ones.
+pub fn parse(list: &str) -> Result<u32, String> {
+    let mut out = 0;
+    for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (_, bit) = ALL.iter().find(|(n, _)| *n == name).ok_or_else(|| {
+            let known: Vec<&str> = ALL.iter().map(|(n, _)| *n).collect();
+            format!("unknown planted bug {name:?}: one of {}", known.join(", "))
+        })?;
+        out |= bit;
+    }
+    Ok(out)
+}
+
+/// Whether planted bugs take effect in this build.
+pub const ENABLED: bool = cfg!(feature = "sim-bugs");

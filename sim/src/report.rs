@@ -1,0 +1,122 @@
+//! What a run reports: counts, faults injected by kind, convergence times, violations, the
+//! trace hash, and how to reproduce it.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::scenario::Mix;
+
+/// The commit the simulator was built from.
+pub const COMMIT: &str = env!("MYCEL_SIM_COMMIT");
+
+/// One broken property.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Violation {
+    /// Simulated time, milliseconds.
+    pub at_ms: u64,
+    /// Which checker: `safety:...` or `liveness:...`.
+    pub check: String,
+    /// What happened.
+    pub detail: String,
+}
+
+/// Simulated milliseconds from the heal to each convergence goal (None: not reached).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Convergence {
+    /// A leader all live voters follow.
+    pub leader_ms: Option<u64>,
+    /// Every live node on the latest configuration.
+    pub config_ms: Option<u64>,
+    /// Every pin at its minimum replicas and every pre-position complete.
+    pub replicas_ms: Option<u64>,
+}
+
+/// The outcome of one run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// The scenario's name.
+    pub scenario: String,
+    /// The scenario's hash.
+    pub scenario_hash: String,
+    /// Nodes simulated (outsiders included).
+    pub nodes: u32,
+    /// Simulated milliseconds in all (faulty and healed phases).
+    pub simulated_ms: u64,
+    /// Events processed.
+    pub events: u64,
+    /// Messages sent.
+    pub messages: u64,
+    /// Bytes sent.
+    pub bytes: u64,
+    /// Proposals acknowledged.
+    pub acknowledged: u64,
+    /// Objects published and pinned.
+    pub pins: u64,
+    /// The fault mix drawn.
+    pub mix: Mix,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<String, u64>,
+    /// Convergence after the heal.
+    pub convergence: Convergence,
+    /// Every broken property (the first ones; bounded).
+    pub violations: Vec<Violation>,
+    /// BLAKE3 over every event.
+    pub trace_hash: String,
+    /// The commit.
+    pub commit: String,
+}
+
+impl Report {
+    /// Whether every property held.
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// The command that replays this run.
+    pub fn reproduce(&self, scenario_arg: &str) -> String {
+        format!(
+            "mycel-sim run --seed {}{scenario_arg}   # scenario {} ({}), commit {}",
+            self.seed, self.scenario, self.scenario_hash, self.commit
+        )
+    }
+
+    /// A human summary.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "seed {} scenario {} ({}): {} nodes, {:.1} simulated s, {} events, {} messages, {} bytes\n",
+            self.seed,
+            self.scenario,
+            self.scenario_hash,
+            self.nodes,
+            self.simulated_ms as f64 / 1000.0,
+            self.events,
+            self.messages,
+            self.bytes
+        );
+        s += &format!("  pins {}, acknowledged proposals {}\n", self.pins, self.acknowledged);
+        let faults: Vec<String> = self.faults.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        s += &format!(
+            "  faults: {}\n",
+            if faults.is_empty() { "none".into() } else { faults.join(" ") }
+        );
+        let ms = |v: Option<u64>| v.map_or("not reached".to_string(), |v| format!("{v} ms"));
+        s += &format!(
+            "  after heal: leader {}, configuration {}, replicas {}\n",
+            ms(self.convergence.leader_ms),
+            ms(self.convergence.config_ms),
+            ms(self.convergence.replicas_ms)
+        );
+        s += &format!("  trace {}\n", self.trace_hash);
+        if self.violations.is_empty() {
+            s += "  every check passed\n";
+        } else {
+            for v in &self.violations {
+                s += &format!("  VIOLATION at {} ms [{}] {}\n", v.at_ms, v.check, v.detail);
+            }
+        }
+        s
+    }
+}

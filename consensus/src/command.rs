@@ -9,7 +9,7 @@ use bincode::{Decode, Encode};
 use mycel_chunker::codec;
 
 /// Format version of proposals in the Raft log.
-pub const PROPOSAL_VERSION: u8 = 1;
+pub const PROPOSAL_VERSION: u8 = 2;
 /// Largest encoded proposal.
 pub const PROPOSAL_BYTES_MAX: usize = 4 << 20;
 /// Most commands in one proposal.
@@ -100,6 +100,79 @@ pub struct Grant {
     pub namespace: String,
 }
 
+/// A chunker identity as carried in commands (the fields of [`mycel_chunker::Config`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct ChunkerIdentity {
+    /// Smallest chunk.
+    pub chunk_bytes_min: u32,
+    /// Average chunk.
+    pub chunk_bytes_avg: u32,
+    /// Largest chunk.
+    pub chunk_bytes_max: u32,
+    /// FastCDC normalisation level.
+    pub normalization: u8,
+    /// Zero-run threshold.
+    pub zero_run_bytes: u64,
+    /// Index fan-out bits.
+    pub fanout_bits: u8,
+}
+
+impl From<mycel_chunker::Config> for ChunkerIdentity {
+    fn from(c: mycel_chunker::Config) -> ChunkerIdentity {
+        ChunkerIdentity {
+            chunk_bytes_min: c.chunk_bytes_min,
+            chunk_bytes_avg: c.chunk_bytes_avg,
+            chunk_bytes_max: c.chunk_bytes_max,
+            normalization: c.normalization,
+            zero_run_bytes: c.zero_run_bytes,
+            fanout_bits: c.fanout_bits,
+        }
+    }
+}
+
+impl From<ChunkerIdentity> for mycel_chunker::Config {
+    fn from(c: ChunkerIdentity) -> mycel_chunker::Config {
+        mycel_chunker::Config {
+            chunk_bytes_min: c.chunk_bytes_min,
+            chunk_bytes_avg: c.chunk_bytes_avg,
+            chunk_bytes_max: c.chunk_bytes_max,
+            normalization: c.normalization,
+            zero_run_bytes: c.zero_run_bytes,
+            fanout_bits: c.fanout_bits,
+        }
+    }
+}
+
+/// A proposal to stage the next version of a topology file.
+///
+/// The canonical bytes travel in the command (they are at most
+/// [`crate::topology::CANONICAL_BYTES_MAX`]) so every replica checks them alike: they must be
+/// canonical JSON, their object root under `chunker` must be `root`, and `signature` must be
+/// the proposer's ed25519 signature over [`crate::topology::signed_message`].
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct StageTopology {
+    /// Topology name (`NAME` or `NAMESPACE/NAME`).
+    pub name: String,
+    /// The version this one is based on (0: none yet).
+    pub base: u64,
+    /// The canonical JSON bytes.
+    pub canonical: Vec<u8>,
+    /// The chunker identity that gives `root` from `canonical`.
+    pub chunker: ChunkerIdentity,
+    /// Canonical root CID bytes.
+    pub root: Vec<u8>,
+    /// Source root CID bytes (the file as written, comments included).
+    pub source: Vec<u8>,
+    /// The proposer's PeerId bytes (an ed25519 key).
+    pub proposer: Vec<u8>,
+    /// When it was proposed, ms since the epoch, on the proposer's clock.
+    pub proposed_ms: u64,
+    /// Ed25519 signature over [`crate::topology::signed_message`] (64 bytes).
+    pub signature: Vec<u8>,
+    /// Stage as the next version even if `base` is stale.
+    pub force: bool,
+}
+
 /// Every change the quorum can commit.
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 #[non_exhaustive]
@@ -178,34 +251,45 @@ pub enum Command {
     AddGrant(Grant),
     /// Removes a grant.
     RemoveGrant(Grant),
-    /// Stages a topology version (semantics: the topology issue).
-    StageTopology {
-        /// Topology name.
-        name: String,
-        /// Base version.
-        base: u64,
-        /// Canonical root CID bytes.
-        root: Vec<u8>,
-        /// Source root CID bytes.
-        source: Vec<u8>,
-        /// Proposer's signature.
-        signature: Vec<u8>,
-        /// Stage even if the base is stale.
-        force: bool,
-    },
-    /// Activates a topology version (semantics: the topology issue).
+    /// Stages the next version of a topology file; every replica checks the bytes against
+    /// the root, the proposer's signature and permission, the schema and the base
+    /// ([`crate::topology`] has the rules).
+    StageTopology(Box<StageTopology>),
+    /// Makes a version active, on every subscribed router or (`canary`) on the configured
+    /// canary routers first. Rolling back is activating an earlier version.
     ActivateTopology {
         /// Topology name.
         name: String,
         /// Version.
         version: u64,
+        /// Start a canary phase instead of activating everywhere.
+        canary: bool,
     },
-    /// Sets a topology schema (semantics: the topology issue).
+    /// Ends the canary phase of `version`: promote it everywhere, or roll it back (the
+    /// version becomes rejected and the active version stays).
+    EndTopologyCanary {
+        /// Topology name.
+        name: String,
+        /// The version in its canary phase.
+        version: u64,
+        /// Promote (true) or roll back (false).
+        promote: bool,
+    },
+    /// Sets the JSON Schema that staged versions of `name` must satisfy (empty: none).
     SetTopologySchema {
         /// Topology name.
         name: String,
         /// JSON Schema bytes.
         schema: Vec<u8>,
+    },
+    /// Sets which subscribed routers take a new version first (no subjects: no canary).
+    SetTopologyCanary {
+        /// Topology name.
+        name: String,
+        /// `tag:T`, `zone:Z` or `member:PEER` (base58).
+        subjects: Vec<String>,
+        /// Roll back when more than this percentage of canary hooks fail.
+        fail_pct_max: u32,
     },
     /// Sets a cluster policy value (semantics: later issues).
     SetPolicy {

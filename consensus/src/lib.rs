@@ -8,12 +8,16 @@
 //!   snapshots whose data is the CID of a state object, and membership reconciliation.
 //! - [`heal`]: self-healing and leader-preference decisions (replacing a lost voter with an
 //!   eligible member, moving leadership to a manager with a clearly lower round-trip time).
+//! - [`topology`]: topology files for routers: the rules for staging (signature, permission,
+//!   schema, base), activation, canaries and rollback, what each router applies, and the
+//!   leader's activation decisions.
 
 pub mod command;
 pub mod core;
 pub mod heal;
 pub mod log;
 pub mod state;
+pub mod topology;
 
 #[cfg(test)]
 mod harness;

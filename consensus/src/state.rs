@@ -12,9 +12,10 @@ use bincode::{Decode, Encode};
 use mycel_chunker::codec;
 
 use crate::command::{Command, Grant, Member, Pin, Proposal, Role};
+use crate::topology::{self, Topology};
 
 /// Format version of a serialised state (snapshots).
-pub const STATE_VERSION: u8 = 1;
+pub const STATE_VERSION: u8 = 2;
 /// Largest serialised state (1M pins fit).
 pub const STATE_BYTES_MAX: usize = 1 << 30;
 
@@ -59,6 +60,8 @@ pub struct ClusterState {
     pub grants: Vec<Grant>,
     /// Policies.
     pub policies: BTreeMap<String, String>,
+    /// Topology files by name: versions, the active one, schema, canary.
+    pub topologies: BTreeMap<String, Topology>,
     /// Last sequence number applied per proposer, with its outcome.
     pub dedup: BTreeMap<Vec<u8>, (u64, Outcome)>,
     /// Index of the last entry applied.
@@ -74,6 +77,7 @@ enum Undo {
     Pin(Vec<u8>, Option<Pin>),
     Grants(Vec<Grant>),
     Policy(String, Option<String>),
+    Topology(String, Option<Topology>),
 }
 
 impl ClusterState {
@@ -124,7 +128,7 @@ impl ClusterState {
         let mut journal = Vec::new();
         let mut outcome = Outcome::Applied;
         for command in &proposal.commands {
-            if let Err(reason) = self.apply_command(command, &mut journal) {
+            if let Err(reason) = self.apply_command(&proposal.from, command, &mut journal) {
                 outcome = Outcome::Rejected(reason);
                 break;
             }
@@ -154,6 +158,7 @@ impl ClusterState {
             Undo::Pin(k, v) => restore(&mut self.pins, k, v),
             Undo::Grants(v) => self.grants = v,
             Undo::Policy(k, v) => restore(&mut self.policies, k, v),
+            Undo::Topology(k, v) => restore(&mut self.topologies, k, v),
         }
     }
 
@@ -169,7 +174,10 @@ impl ClusterState {
         id
     }
 
-    fn apply_command(&mut self, c: &Command, j: &mut Vec<Undo>) -> Result<(), String> {
+    fn apply_command(&mut self, from: &[u8], c: &Command, j: &mut Vec<Undo>) -> Result<(), String> {
+        if let Some(name) = topology::command_name(c) {
+            return self.apply_topology(name, from, c, j);
+        }
         match c {
             Command::InitCluster { cluster_id } => {
                 if self.cluster_id.is_some() {
@@ -283,16 +291,47 @@ impl ClusterState {
                 j.push(Undo::Grants(self.grants.clone()));
                 self.grants.retain(|x| x != g);
             }
-            Command::StageTopology { .. }
+            Command::StageTopology(_)
             | Command::ActivateTopology { .. }
-            | Command::SetTopologySchema { .. } => {
-                return Err("topology commands are not supported by this version yet".into());
-            }
+            | Command::EndTopologyCanary { .. }
+            | Command::SetTopologySchema { .. }
+            | Command::SetTopologyCanary { .. } => unreachable!("handled above"),
             Command::SetPolicy { key, value } => {
                 let old = self.policies.insert(key.clone(), value.clone());
                 j.push(Undo::Policy(key.clone(), old));
             }
         }
+        Ok(())
+    }
+
+    /// Applies a topology command to a copy of its name's record, kept only on success.
+    fn apply_topology(
+        &mut self,
+        name: &str,
+        from: &[u8],
+        c: &Command,
+        j: &mut Vec<Undo>,
+    ) -> Result<(), String> {
+        topology::validate_name(name)
+            .map_err(|e| format!("{} {e}", topology::Refusal::Invalid.marker()))?;
+        let old = self.topologies.get(name).cloned();
+        if old.is_none() && self.topologies.len() >= topology::NAMES_MAX {
+            return Err(format!(
+                "{} the cluster has {} topology names, the most allowed",
+                topology::Refusal::Invalid.marker(),
+                topology::NAMES_MAX
+            ));
+        }
+        let mut record = old.clone().unwrap_or_default();
+        let cx = topology::Context {
+            members: &self.members,
+            grants: &self.grants,
+            from,
+            index: self.applied_index,
+        };
+        topology::apply(&mut record, c, &cx)?;
+        self.topologies.insert(name.to_owned(), record);
+        j.push(Undo::Topology(name.to_owned(), old));
         Ok(())
     }
 
@@ -317,6 +356,15 @@ impl ClusterState {
         }
         for p in self.pins.values() {
             assert!(p.replicas_min <= p.replicas_max);
+        }
+        assert!(self.topologies.len() <= topology::NAMES_MAX, "{}", self.topologies.len());
+        for (name, t) in &self.topologies {
+            assert!(topology::validate_name(name).is_ok(), "topology name {name:?}");
+            t.check_invariants(name);
+            for v in &t.versions {
+                assert!(v.staged_index <= self.applied_index, "name={name} v={}", v.number);
+            }
+            assert!(t.activated_index <= self.applied_index, "name={name}");
         }
     }
 }
@@ -388,7 +436,7 @@ mod tests {
     #[test]
     fn tokens_admit_until_spent_or_expired() {
         // A two-use token admits two nodes, then is gone; an expired one admits nobody;
-        // topology commands are rejected until their issue lands.
+        // activating a topology version that was never staged is rejected.
         let mut s = ClusterState::default();
         let secret = [7u8; 32];
         let hash = *blake3::hash(&secret).as_bytes();
@@ -426,7 +474,7 @@ mod tests {
             s.apply(5, &entry(4, 1, vec![join(4, 30)])).unwrap().2,
             Outcome::Rejected(_)
         ));
-        let topo = Command::ActivateTopology { name: "x".into(), version: 1 };
+        let topo = Command::ActivateTopology { name: "x".into(), version: 1, canary: false };
         assert!(matches!(s.apply(6, &entry(1, 2, vec![topo])).unwrap().2, Outcome::Rejected(_)));
         s.check_invariants();
     }

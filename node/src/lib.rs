@@ -32,3 +32,4 @@ pub mod objects;
 pub mod replicate;
 pub mod restore;
 pub mod store;
+pub mod topology;

@@ -49,8 +49,9 @@ pub const SCHEMA_BYTES_MAX: usize = 64 << 10;
 pub const NAME_BYTES_MAX: usize = 128;
 /// Most versions kept per name; staging past it is refused.
 pub const VERSIONS_MAX: usize = 4096;
-/// Most topology names in a cluster.
-pub const NAMES_MAX: usize = 1024;
+/// Most topology names in a cluster (with [`VERSIONS_MAX`] and [`SCHEMA_BYTES_MAX`], the
+/// topology state stays under about 170 MB in the worst case, far below the state bound).
+pub const NAMES_MAX: usize = 256;
 /// Most canary subjects per name.
 pub const CANARY_SUBJECTS_MAX: usize = 64;
 /// Longest root or source CID, and the longest PeerId.
@@ -712,9 +713,10 @@ impl Decider {
         Decider { observed: BTreeMap::new(), proposed: BTreeMap::new(), repropose_ms }
     }
 
-    /// Records what the daemon observed about `name` version `version` (replacing the last
-    /// observation of it). Observations of more than [`OBSERVED_NAMES_MAX`] versions are
-    /// dropped, oldest names first.
+    /// Records what the daemon observed about `name` version `version`, replacing the last
+    /// observation of it and of older versions of `name`. Past [`OBSERVED_NAMES_MAX`]
+    /// observations, the first in name order are dropped (names the state does not know are
+    /// dropped at the next [`Decider::poll`]).
     pub fn handle_observation(&mut self, name: &str, version: u64, observation: Observation) {
         self.observed.retain(|(n, v), _| n != name || *v >= version);
         self.observed.insert((name.to_owned(), version), observation);
@@ -1336,6 +1338,101 @@ mod tests {
         assert!(validate_name("core/backbone").is_ok());
         for bad in ["a/b/c", "", "Lab", "../x", "x/..", ".", "a b"] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_number_of_names_is_bounded() {
+        // Records for NAMES_MAX names can be created (here through schema commands, the
+        // cheapest); one more is refused, while commands on existing names still apply.
+        let mut c = Cluster::new();
+        let schema =
+            |name: String| vec![Command::SetTopologySchema { name, schema: b"{}".to_vec() }];
+        for i in 0..NAMES_MAX {
+            assert_eq!(c.apply(MANAGER, schema(format!("n{i}"))), Outcome::Applied);
+        }
+        let o = c.apply(MANAGER, schema("one-more".into()));
+        assert!(matches!(&o, Outcome::Rejected(r) if r.contains("most allowed")), "{o:?}");
+        assert_eq!(c.apply(MANAGER, schema("n0".into())), Outcome::Applied);
+        assert_eq!(c.state.topologies.len(), NAMES_MAX);
+    }
+
+    #[test]
+    fn random_command_sequences_keep_the_invariants() {
+        // Seeded random sequences of every topology command, from members with and without
+        // the rights: after each entry the invariants hold, a rejected entry leaves the state
+        // exactly as it was, each rejection carries a marker, the state round-trips through
+        // its encoding, and at most one version is active. Several seeds, so an accepted
+        // command of every kind is seen (checked at the end).
+        use rand::{Rng, SeedableRng};
+        let docs = [DOC1, DOC2, DOC3, r#"{"nodes": []}"#];
+        let mut accepted = BTreeSet::new();
+        for seed in 0..5u64 {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let mut c = Cluster::new();
+            c.apply(
+                MANAGER,
+                vec![Command::SetTopologyCanary {
+                    name: "lab".into(),
+                    subjects: vec!["tag:canary".into()],
+                    fail_pct_max: 50,
+                }],
+            );
+            for _ in 0..80 {
+                let who = [MANAGER, MANAGER, ROUTER_A, STRANGER][rng.gen_range(0..4)];
+                let latest = c.state.topologies.get("lab").map_or(0, Topology::latest);
+                let version = rng.gen_range(0..=latest + 1);
+                let command = match rng.gen_range(0..5) {
+                    0 | 1 => {
+                        let mut s =
+                            stage(who, rng.gen_range(0..=latest + 1), docs[rng.gen_range(0..4)]);
+                        s.force = rng.gen_bool(0.3);
+                        sign(&mut s, &secret(who));
+                        Command::StageTopology(Box::new(s))
+                    }
+                    2 => Command::ActivateTopology {
+                        name: "lab".into(),
+                        version,
+                        canary: rng.gen_bool(0.5),
+                    },
+                    3 => Command::EndTopologyCanary {
+                        name: "lab".into(),
+                        version,
+                        promote: rng.gen_bool(0.5),
+                    },
+                    _ => Command::SetTopologyCanary {
+                        name: "lab".into(),
+                        subjects: if rng.gen_bool(0.8) {
+                            vec!["tag:canary".into()]
+                        } else {
+                            vec![]
+                        },
+                        fail_pct_max: rng.gen_range(0..=100),
+                    },
+                };
+                let kind =
+                    format!("{command:?}").split([' ', '(', '{']).next().unwrap_or("").to_owned();
+                let before = c.state.topologies.clone();
+                match c.apply(who, vec![command]) {
+                    Outcome::Applied => {
+                        accepted.insert(kind);
+                    }
+                    Outcome::Rejected(reason) => {
+                        assert!(Refusal::of(&reason).is_some(), "no marker: {reason}");
+                        assert_eq!(c.state.topologies, before, "rejected: {reason}");
+                    }
+                }
+                if let Some(t) = c.state.topologies.get("lab") {
+                    let active =
+                        t.versions.iter().filter(|v| v.state == VersionState::Active).count();
+                    assert!(active <= 1);
+                }
+            }
+            assert_eq!(ClusterState::decode(&c.state.encode()).unwrap(), c.state);
+        }
+        let kinds = ["StageTopology", "ActivateTopology", "EndTopologyCanary", "SetTopologyCanary"];
+        for k in kinds {
+            assert!(accepted.contains(k), "no {k} was ever accepted: {accepted:?}");
         }
     }
 }

@@ -814,4 +814,32 @@ mod tests {
         assert!(e.to_string().contains("format version"), "{e}");
         assert!(!b.out.exists());
     }
+
+    #[test]
+    fn replicas_compute_the_root_the_store_gives() {
+        // The root a replica recomputes from the canonical bytes (what StageTopology is
+        // checked against) equals the root `mycel add` stores for the file, with the default
+        // identity and with a tiny one that cuts a multi-level tree.
+        use crate::ingest::{self, KindArg, Progress};
+        use mycel_chunker::Config;
+        let b = bench();
+        let store = crate::store::Store::open(&b.data.join("store")).unwrap();
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/topologies/lab.yaml");
+        let canonical =
+            canon::canonical_json(&canon::parse(&fs::read(&file).unwrap(), Format::Yaml).unwrap());
+        let tiny = Config {
+            chunk_bytes_min: 64,
+            chunk_bytes_avg: 256,
+            chunk_bytes_max: 1024,
+            fanout_bits: 1,
+            ..Config::default()
+        };
+        for config in [Config::default(), tiny] {
+            let report =
+                ingest::add(&store, &file, KindArg::Topology, &config, 0, &Progress::default())
+                    .unwrap();
+            let root = canon::object_root(&canonical, &config).unwrap();
+            assert_eq!(report.root, root.to_string(), "{config:?}");
+        }
+    }
 }

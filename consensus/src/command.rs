@@ -1,9 +1,9 @@
 //! The commands the quorum agrees on, versioned; proposals carry a (PeerId, sequence) for
 //! deduplication and a batch of commands applied atomically in one entry.
 //!
-//! The enum is defined in full now; commands whose semantics later issues define are
-//! rejected deterministically by the state machine until then (state unchanged, reason
-//! given), so every replica rejects them alike.
+//! A proposal of another format version, or with a variant this build does not know, fails
+//! to decode and is rejected deterministically (state unchanged, reason given), so every
+//! replica rejects it alike.
 
 use bincode::{Decode, Encode};
 use mycel_chunker::codec;

@@ -789,11 +789,9 @@ fn decide(
         .collect();
     match v.state {
         VersionState::Staged => {
-            // Only the newest staged version above the active one is a candidate, and never
-            // while another version is in its canary phase.
-            let newer_staged =
-                t.versions[version as usize..].iter().any(|x| x.state == VersionState::Staged);
-            if newer_staged || t.active >= Some(version) || t.canary_phase.is_some() {
+            // Only the latest version is a candidate (an older staged one was overtaken; an
+            // admin can still activate it), and never while a canary phase runs.
+            if version != t.latest() || t.canary_phase.is_some() {
                 return None;
             }
             let canary = t.canary.is_some() && !canaries.is_empty();
@@ -1239,6 +1237,27 @@ mod tests {
         assert!(d.poll(&c.state, Timestamp(30_000)).is_empty(), "per-name share of 1 applies");
         d.handle_observation("lab", 3, observed(&[ROUTER_A, ROUTER_B], &[ROUTER_A, ROUTER_B], &[]));
         assert_eq!(d.poll(&c.state, Timestamp(31_000)), vec![activate(3, false)]);
+        // Version 4 overtaken by 5 before activation: only 5 is a candidate.
+        c.apply(MANAGER, activate(3, false));
+        c.apply(MANAGER, cmd(stage(MANAGER, 3, DOC1)));
+        c.apply(MANAGER, cmd(stage(MANAGER, 4, DOC2)));
+        d.handle_observation("lab", 4, observed(&all, &all, &[]));
+        assert!(d.poll(&c.state, Timestamp(40_000)).is_empty(), "4 was overtaken");
+        d.handle_observation("lab", 5, observed(&all, &all, &[]));
+        assert_eq!(d.poll(&c.state, Timestamp(41_000)), vec![activate(5, false)]);
+    }
+
+    #[test]
+    #[should_panic(expected = "active")]
+    fn invariants_catch_two_active_versions() {
+        // A state with a second version marked active (a bug) fails check_invariants.
+        let mut c = Cluster::new();
+        c.apply(MANAGER, cmd(stage(MANAGER, 0, DOC1)));
+        c.apply(MANAGER, cmd(stage(MANAGER, 1, DOC2)));
+        c.apply(MANAGER, activate(1, false));
+        let lab = c.state.topologies.get_mut("lab").unwrap();
+        lab.versions[1].state = VersionState::Active;
+        c.state.check_invariants();
     }
 
     #[test]

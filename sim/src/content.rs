@@ -36,13 +36,15 @@ pub struct Object {
     pub blocks: Vec<(Cid, Rc<[u8]>)>,
 }
 
-/// Cuts `len` pseudo-random bytes drawn from `seed` into an object. A run of zeroes in the
-/// middle exercises the chunker's holes.
+/// Cuts `len` pseudo-random bytes drawn from `seed` into an object. Objects of 256 KiB and
+/// more are disk images with a run of zeroes in the middle (a hole).
 pub fn generate(seed: u64, len: usize) -> Object {
     let config = chunker_config();
     let mut data = vec![0u8; len];
     ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut data);
-    if len >= 256 * 1024 {
+    // Large objects are disk images with a hole in the middle.
+    let disk = len >= 256 * 1024;
+    if disk {
         let at = (len / 2) & !4095;
         data[at..at + 128 * 1024].fill(0);
     }
@@ -82,7 +84,8 @@ pub fn generate(seed: u64, len: usize) -> Object {
     for b in tree.take_blocks() {
         blocks.push((b.cid, Rc::from(b.bytes)));
     }
-    let root = Root { kind: Kind::File, config, len: total, tree: t }.encode();
+    let kind = if disk { Kind::Disk } else { Kind::File };
+    let root = Root { kind, config, len: total, tree: t }.encode();
     blocks.push((root.cid, Rc::from(root.bytes)));
     Object { root: root.cid, len: total, blocks }
 }

@@ -66,6 +66,9 @@ const HEAL_REPLICAS_MS: u64 = 300_000;
 const QUEUE_MAX: usize = 20_000_000;
 /// Bound on pending acknowledgements a leader's driver remembers.
 const PENDING_ACKS_MAX: usize = 100_000;
+/// A peer disconnected for misbehaving (corrupt blocks, stalls, bad frames) may reconnect
+/// after this long.
+const BAN_MS: u64 = 30_000;
 /// Capacity every edge reports.
 const CAPACITY_BYTES: u64 = 64 << 30;
 
@@ -157,7 +160,8 @@ struct Node {
     up_busy_us: u64,
     pending_acks: BTreeMap<(Vec<u8>, u64), usize>,
     encoded: Option<(u64, Rc<Vec<u8>>)>,
-    banned: BTreeSet<PeerId>,
+    /// Peers disconnected for misbehaving, until this local time.
+    banned: BTreeMap<PeerId, u64>,
 }
 
 impl std::fmt::Debug for Node {
@@ -510,7 +514,7 @@ impl World {
                 up_busy_us: 0,
                 pending_acks: BTreeMap::new(),
                 encoded: None,
-                banned: BTreeSet::new(),
+                banned: BTreeMap::new(),
             });
         }
         // Hostile members: edges that are neither eligible nor managers.
@@ -1063,6 +1067,7 @@ impl World {
     fn housekeeping(&mut self, i: usize, local: u64) {
         let n = &mut self.nodes[i];
         n.directory.expire(Timestamp(local));
+        n.banned.retain(|_, until| *until > local);
         if n.kind == Kind::Outsider {
             return;
         }
@@ -1405,7 +1410,8 @@ impl World {
     }
 
     fn disconnect(&mut self, i: usize, peer: PeerId) {
-        self.nodes[i].banned.insert(peer);
+        let until = self.nodes[i].local(self.now) + BAN_MS;
+        self.nodes[i].banned.insert(peer, until);
         for (f, _) in self.nodes[i].fetches.values_mut() {
             f.peer_gone(&peer);
         }
@@ -1510,6 +1516,25 @@ impl World {
         let Ok(frame) = Frame::decode(&bytes[4..]) else {
             return reset(self);
         };
+        if std::env::var("MYCEL_SIM_DEBUG")
+            .is_ok_and(|d| d == from.to_string() || d == to.to_string())
+        {
+            let desc = match &frame {
+                Frame::Want { cids, .. } => format!("want {}", cids.len()),
+                Frame::Block { cid, .. } => format!(
+                    "block {:?}",
+                    mycel_proto::wire::cid(cid).map(|c| c.to_string()[50..].to_string())
+                ),
+                Frame::DontHave { cid, .. } => format!(
+                    "donthave {:?}",
+                    mycel_proto::wire::cid(cid).map(|c| c.to_string()[50..].to_string())
+                ),
+                Frame::Refused { reason, .. } => format!("refused {reason}"),
+                Frame::WhoHas { .. } => "whohas".into(),
+                Frame::Holding { complete, .. } => format!("holding {complete}"),
+            };
+            eprintln!("{} {from}->{to} {} {desc}", self.now, &root.to_string()[50..]);
+        }
         match frame {
             Frame::Want { req, root: r, cids } => self.serve(from, to, root, req, r, cids),
             Frame::WhoHas { req, root: r } => {
@@ -1527,10 +1552,17 @@ impl World {
                 let Ok(rc) = mycel_proto::wire::cid(&r) else { return };
                 self.nodes[to].directory.handle_holding(peer, rc, complete, Timestamp(local));
                 let same = self.nodes[from].zone == self.nodes[to].zone;
-                let banned = self.nodes[to].banned.contains(&peer);
+                let banned = self.nodes[to].banned.contains_key(&peer);
                 if let Some((f, _)) = self.nodes[to].fetches.get_mut(&rc)
                     && !banned
                 {
+                    // Workaround for a fetch-core limitation (regression test
+                    // `fetch_forgets_dont_have_of_a_complete_holder`): a `DontHave` is remembered
+                    // for the whole fetch, so a complete holder that once failed a read would
+                    // never be asked again. Re-adding the peer clears what it lacked.
+                    if complete && f.peers().any(|p| *p == peer) {
+                        f.peer_gone(&peer);
+                    }
                     f.add_peer(peer, same);
                 }
             }
@@ -1600,7 +1632,7 @@ impl World {
         for c in cids {
             let Ok(cid) = mycel_proto::wire::cid(&c) else { continue };
             let block = if read_error > 0.0 && self.rng.gen_bool(read_error) {
-                self.record("read-error", s as u64, 0);
+                self.fault("read-error", s as u64);
                 None
             } else {
                 self.read_block(s, &cid)
@@ -1758,7 +1790,7 @@ impl World {
             let n = &mut self.nodes[i];
             if let Some((f, _)) = n.fetches.get_mut(&r) {
                 for h in holders {
-                    if h.peer != me && !n.banned.contains(&h.peer) {
+                    if h.peer != me && !n.banned.contains_key(&h.peer) {
                         f.add_peer(h.peer, h.zone.as_deref() == Some(my_zone.as_str()));
                     }
                 }
@@ -2038,6 +2070,7 @@ impl World {
         let healthy_elsewhere = (0..self.members).any(|j| {
             j != i
                 && !self.nodes[j].dead
+                && self.nodes[j].hostility == Hostility::Honest
                 && self.nodes[j].store.get(&cid).is_some_and(|x| cid.matches(x))
         });
         if !healthy_elsewhere {
@@ -2225,7 +2258,11 @@ impl World {
             let want = spec.replicas_min.min(eligible);
             let root = Cid::from_bytes(&spec.root).map(|c| c.to_string()).unwrap_or_default();
             if r.replicas < want {
-                return Some(format!("pin {root} has {} of {want} replicas", r.replicas));
+                return Some(format!(
+                    "pin {root} has {} of {want} replicas ({})",
+                    r.replicas,
+                    self.fetch_status(&spec.root)
+                ));
             }
             if let Some((held, all, _)) = r.preposition
                 && held < all
@@ -2234,6 +2271,27 @@ impl World {
             }
         }
         None
+    }
+
+    /// Who holds and who fetches `root`, for a liveness failure's message.
+    fn fetch_status(&self, root: &[u8]) -> String {
+        let Ok(root) = Cid::from_bytes(root) else { return String::new() };
+        let mut parts = Vec::new();
+        for (j, n) in self.nodes.iter().enumerate().take(self.members) {
+            if n.complete.contains(&root) {
+                parts.push(format!("{j}:holds{}", if n.live() { "" } else { "(down)" }));
+            } else if let Some((f, p)) = n.fetches.get(&root) {
+                let pr = f.progress();
+                parts.push(format!(
+                    "{j}:fetching {:?} {}/{} bytes from {} peers",
+                    p,
+                    pr.done_bytes,
+                    pr.total_bytes,
+                    f.peers().count()
+                ));
+            }
+        }
+        parts.join(", ")
     }
 
     fn final_checks(&mut self) {

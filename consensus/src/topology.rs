@@ -1454,4 +1454,20 @@ mod tests {
             assert!(accepted.contains(k), "no {k} was ever accepted: {accepted:?}");
         }
     }
+
+    #[test]
+    fn schema_reference_loops_terminate() {
+        // Schemas that refer to themselves without consuming the document compile and
+        // validate in bounded time (a crash here would stop every manager alike).
+        for schema in [
+            r##"{"$defs":{"a":{"$ref":"#/$defs/a"}},"$ref":"#/$defs/a"}"##,
+            r##"{"$defs":{"a":{"$ref":"#/$defs/b"},"b":{"$ref":"#/$defs/a"}},"$ref":"#/$defs/a"}"##,
+            r##"{"allOf":[{"$ref":"#"}]}"##,
+        ] {
+            let s = Schema::compile(schema.as_bytes()).unwrap();
+            assert_eq!(s.validate(&serde_json::json!({"a": [1, {"b": null}]})), Ok(()), "{schema}");
+        }
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert!(Schema::compile(deep.as_bytes()).is_err(), "nesting past serde_json's limit");
+    }
 }

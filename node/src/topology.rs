@@ -265,7 +265,9 @@ pub enum Outcome {
     Handled(Record),
 }
 
-/// Applies `activation` of `watch.name` with the canonical JSON document `canonical`.
+/// Applies `activation` of `watch.name` with the canonical JSON document `canonical` (read
+/// from the store, already verified against its CID), in the order of the module docs.
+/// Callers run at most one `apply` per name at a time.
 ///
 /// # Errors
 /// [`ApplyError`] when the name, document or format is unusable, or the output path or the
@@ -319,10 +321,25 @@ pub fn apply(
             current
         }
     };
+    // The hook's log is opened before anything changes, so failing to open it changes
+    // nothing.
+    let log_path = dir.join(file_stem(&watch.name) + ".hook.log");
+    let log = match &watch.hook {
+        Some(_) => Some(
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&log_path)
+                .map_err(io_err(&log_path))?,
+        ),
+        None => None,
+    };
     // Step 3: the new file.
     let mode = file_mode(&watch.path)?.unwrap_or(0o644);
     write_atomic(&watch.path, &bytes, mode)?;
-    let Some(hook) = &watch.hook else {
+    let (Some(hook), Some(log)) = (&watch.hook, log) else {
         let record = Record {
             activation_index: activation.activation_index,
             version: activation.version,
@@ -341,8 +358,7 @@ pub fn apply(
     };
     write_atomic(&record_path, &record.encode(), 0o600)?;
     // Step 5.
-    let log_path = dir.join(file_stem(&watch.name) + ".hook.log");
-    let run = run_hook(hook, watch, activation, &log_path)?;
+    let run = run_hook(hook, watch, activation, (&log_path, log));
     if run.ok() {
         record.status = Status::Succeeded;
         write_atomic(&record_path, &record.encode(), 0o600)?;
@@ -543,20 +559,24 @@ fn sync_dir(dir: &Path) -> Result<(), ApplyError> {
 }
 
 /// Runs `sh -c hook` in its own process group with the `MYCEL_TOPOLOGY_*` environment, its
-/// output to `log` (so a hook leaving children behind cannot block us on a pipe), killing
-/// the whole group at the timeout.
-fn run_hook(hook: &str, watch: &Watch, a: &Activation, log: &Path) -> Result<HookRun, ApplyError> {
-    let out = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(log)
-        .map_err(io_err(log))?;
-    let err = out.try_clone().map_err(io_err(log))?;
+/// output to `log` (a file, so a hook leaving children behind cannot block us on a pipe),
+/// killing the whole group at the timeout. A hook that cannot be started or waited for counts
+/// as failed, with the reason as its output.
+fn run_hook(hook: &str, watch: &Watch, a: &Activation, log: (&Path, File)) -> HookRun {
+    let (log_path, out) = log;
     let previous = a.previous_version.map(|v| v.to_string()).unwrap_or_default();
     let started = Instant::now();
-    let mut child = Command::new("sh")
+    let failed = |why: String| HookRun {
+        code: None,
+        timed_out: false,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        output: why,
+    };
+    let err = match out.try_clone() {
+        Ok(e) => e,
+        Err(e) => return failed(format!("cannot open the hook log: {e}")),
+    };
+    let spawned = Command::new("sh")
         .arg("-c")
         .arg(hook)
         .env("MYCEL_TOPOLOGY_NAME", &a.name)
@@ -568,35 +588,55 @@ fn run_hook(hook: &str, watch: &Watch, a: &Activation, log: &Path) -> Result<Hoo
         .stdout(out)
         .stderr(err)
         .process_group(0)
-        .spawn()
-        .map_err(|source| ApplyError::Io { path: "sh".into(), source })?;
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => return failed(format!("cannot start sh: {e}")),
+    };
+    let kill_group = |pid: u32| {
+        // SAFETY: kill(2) on the process group the child leads (its pid, not yet reaped, so
+        // not reused); no memory is touched.
+        unsafe {
+            libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
+        }
+    };
     let deadline = started + Duration::from_millis(watch.hook_timeout_ms);
     let mut timed_out = false;
     let status = loop {
-        if let Some(status) = child.try_wait().map_err(io_err(Path::new("sh")))? {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            timed_out = true;
-            // SAFETY: kill(2) with the negative pid of the group we created; no memory is
-            // touched.
-            unsafe {
-                libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL);
+        match child.try_wait() {
+            Ok(Some(status)) => break Ok(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(HOOK_POLL),
+            Ok(None) => {
+                timed_out = true;
+                kill_group(child.id());
+                break child.wait();
             }
-            break child.wait().map_err(io_err(Path::new("sh")))?;
+            Err(e) => {
+                kill_group(child.id());
+                let _ = child.wait();
+                break Err(e);
+            }
         }
-        std::thread::sleep(HOOK_POLL);
     };
-    let elapsed_ms = started.elapsed().as_millis() as u64;
-    Ok(HookRun { code: status.code(), timed_out, elapsed_ms, output: log_tail(log)? })
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => return failed(format!("cannot wait for the hook: {e}")),
+    };
+    let output = log_tail(log_path).unwrap_or_else(|e| format!("(hook log unreadable: {e})"));
+    HookRun {
+        code: status.code(),
+        timed_out,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        output,
+    }
 }
 
-fn log_tail(log: &Path) -> Result<String, ApplyError> {
-    let mut f = File::open(log).map_err(io_err(log))?;
-    let len = f.metadata().map_err(io_err(log))?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(HOOK_OUTPUT_BYTES_MAX))).map_err(io_err(log))?;
+fn log_tail(log: &Path) -> io::Result<String> {
+    let mut f = File::open(log)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(HOOK_OUTPUT_BYTES_MAX)))?;
     let mut tail = Vec::new();
-    f.take(HOOK_OUTPUT_BYTES_MAX).read_to_end(&mut tail).map_err(io_err(log))?;
+    f.take(HOOK_OUTPUT_BYTES_MAX).read_to_end(&mut tail)?;
     Ok(String::from_utf8_lossy(&tail).into_owned())
 }
 

@@ -164,8 +164,17 @@ impl Node {
     /// If `mycel init` fails.
     pub fn mesh(extra: &[&str]) -> Result<(Node, String)> {
         let tmp = tempfile::tempdir()?;
-        let mut node = Node { dir: tmp.path().join("node"), _tmp: None };
+        let (mut node, peer) = Node::mesh_in(tmp.path().join("node"), extra)?;
         node._tmp = Some(tmp);
+        Ok((node, peer))
+    }
+
+    /// [`Node::mesh`] in `dir`, which outlives the node (for keeping logs of failed tests).
+    ///
+    /// # Errors
+    /// If `mycel init` fails.
+    pub fn mesh_in(dir: PathBuf, extra: &[&str]) -> Result<(Node, String)> {
+        let node = Node { dir, _tmp: None };
         let mut args = vec!["init", "--json", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1"];
         args.extend_from_slice(extra);
         let out = node.ok(&args)?.json()?;

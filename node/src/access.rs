@@ -107,6 +107,21 @@ impl Access {
         if ok { Ok(()) } else { Err(format!("no read grant on namespace {ns}")) }
     }
 
+    /// Whether `peer` may read namespace `ns` (true outside a cluster).
+    pub fn may_read_namespace(&self, peer: &PeerId, ns: &str) -> bool {
+        if !self.enabled {
+            return true;
+        }
+        self.subjects.get(peer).is_some_and(|subject| {
+            access::allowed(
+                self.grants.iter().map(|(s, p, n)| (s.as_str(), p.as_str(), n.as_str())),
+                subject,
+                ns,
+                Permission::Read,
+            )
+        })
+    }
+
     /// Whether manifest block `cid` belongs to the tree of `root` (raw chunks are not
     /// checked: their CIDs are only learned from manifests).
     pub fn in_tree(&self, store: &Store, root: &Cid, cid: &Cid) -> bool {

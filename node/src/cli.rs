@@ -1417,7 +1417,10 @@ fn pin_add(ctx: &Ctx, cid: &str, a: &PinArgs) -> Result<serde_json::Value, Failu
         .map_err(|e| Failure::new(EXIT_INVALID, e))?;
     let deadline_ms = a.by.as_deref().map(|b| parse_deadline(b, now_ms())).transpose()?;
     if deadline_ms.is_some() && a.preposition.is_empty() {
-        return Err(Failure::new(EXIT_INVALID, "--by needs --preposition (what must land by then)"));
+        return Err(Failure::new(
+            EXIT_INVALID,
+            "--by needs --preposition (what must land by then)",
+        ));
     }
     let body = json!([{
         "root": root.to_string(),
@@ -1455,7 +1458,10 @@ fn pin_cmd(ctx: &Ctx, command: PinCommand) -> Result<(), Failure> {
                         p["name"].as_str().unwrap_or_default(),
                     );
                     if let Some(d) = p["deadline"].as_str() {
-                        line += &format!("  pre-position {}/{} {d}", p["preposition_held"], p["preposition_targets"]);
+                        line += &format!(
+                            "  pre-position {}/{} {d}",
+                            p["preposition_held"], p["preposition_targets"]
+                        );
                     }
                     if let Some(why) = p["unplaceable"].as_str() {
                         line += &format!("  UNPLACEABLE: {why}");
@@ -1476,7 +1482,10 @@ fn pin_cmd(ctx: &Ctx, command: PinCommand) -> Result<(), Failure> {
                     v["replicas"].as_u64().map_or("?".into(), |r| r.to_string()),
                     v["replicas_min"],
                     v["replicas_max"],
-                    v["unplaceable"].as_str().map(|w| format!("  UNPLACEABLE: {w}")).unwrap_or_default()
+                    v["unplaceable"]
+                        .as_str()
+                        .map(|w| format!("  UNPLACEABLE: {w}"))
+                        .unwrap_or_default()
                 );
                 for n in v["nodes"].as_array().into_iter().flatten() {
                     let state = n["state"].as_str().unwrap_or_default();

@@ -814,6 +814,11 @@ impl Daemon {
             "members": self.members.read().expect("members lock").len(),
             "roots": roots,
             "fetches": fetches,
+            "sent_bytes": self.metrics.bytes_sent.get(),
+            "received_bytes": self.metrics.bytes_received.get(),
+            "refused_requests": self.metrics.refused_requests.get(),
+            "evictions": self.metrics.evictions.get(),
+            "free_bytes": self.free_bytes,
             "uptime_s": self.started.elapsed().as_secs(),
         })
     }
@@ -899,7 +904,33 @@ impl Daemon {
             self.config.node.node_lost_ms,
         );
         let settings = crate::replicate::settings(state);
-        let plan = mycel_policy::plan::plan(&pins, &nodes, &settings, unix_ms());
+        // Only nodes that may read a namespace hold its pins: plan each namespace with the
+        // others marked as non-storage.
+        let access = self.access.read().expect("access lock").clone();
+        let mut by_ns: BTreeMap<&str, Vec<mycel_policy::plan::PinSpec>> = BTreeMap::new();
+        for spec in pins.iter().cloned() {
+            let ns = state.pins.get(&spec.root).map_or("default", |p| p.namespace.as_str());
+            by_ns.entry(ns).or_default().push(spec);
+        }
+        let mut plan = mycel_policy::plan::Plan::default();
+        for (ns, specs) in by_ns {
+            let allowed: Vec<mycel_policy::plan::NodeState> = nodes
+                .iter()
+                .map(|n| {
+                    let mut n = n.clone();
+                    n.storage &= PeerId::from_bytes(&n.node.id)
+                        .is_ok_and(|p| access.may_read_namespace(&p, ns));
+                    n
+                })
+                .collect();
+            let part = mycel_policy::plan::plan(&specs, &allowed, &settings, unix_ms());
+            plan.actions.extend(part.actions);
+            plan.pins.extend(part.pins);
+        }
+        // Reports in committed pin order, as `pins` is.
+        let order: BTreeMap<&[u8], usize> =
+            pins.iter().enumerate().map(|(i, p)| (p.root.as_slice(), i)).collect();
+        plan.pins.sort_by_key(|r| order.get(r.root.as_slice()).copied());
         let me = self.me.to_bytes();
         let mine: Vec<mycel_policy::plan::Action> = plan.for_node(&me).cloned().collect();
         for action in mine {
@@ -931,6 +962,7 @@ impl Daemon {
         }
         let (mut under, mut risk, mut missed, mut unplaceable) = (0, 0, 0, 0);
         for (spec, r) in pins.iter().zip(&plan.pins) {
+            debug_assert_eq!(spec.root, r.root);
             under += i64::from(r.replicas < spec.replicas_min);
             unplaceable += i64::from(r.unplaceable.is_some());
             match r.preposition.map(|p| p.2) {
@@ -1014,7 +1046,8 @@ impl Daemon {
     fn pins_json(&self, only: Option<Cid>) -> serde_json::Value {
         let state = self.cluster_state();
         let report = |root: &[u8]| self.plan.pins.iter().find(|r| r.root == root);
-        let peer_text = |b: &[u8]| PeerId::from_bytes(b).map_or_else(|_| "?".into(), |p| p.to_string());
+        let peer_text =
+            |b: &[u8]| PeerId::from_bytes(b).map_or_else(|_| "?".into(), |p| p.to_string());
         let pin_json = |p: &mycel_consensus::command::Pin| {
             let r = report(&p.root);
             let cid = Cid::from_bytes(&p.root).map_or_else(|_| "?".into(), |c| c.to_string());
@@ -1043,8 +1076,10 @@ impl Daemon {
             let grants: Vec<serde_json::Value> = state
                 .grants
                 .iter()
-                .map(|g| serde_json::json!({"subject": g.subject, "permission": g.permission,
-                    "namespace": g.namespace}))
+                .map(|g| {
+                    serde_json::json!({"subject": g.subject, "permission": g.permission,
+                    "namespace": g.namespace})
+                })
                 .collect();
             return serde_json::json!({"pins": pins, "grants": grants});
         };
@@ -1081,9 +1116,10 @@ impl Daemon {
                     (held, true)
                 } else {
                     let cp = net::core_peer(&peer);
-                    let alive = self.directory.node(&cp).is_some_and(|i| {
-                        now.since(i.seen) <= self.config.node.node_lost_ms
-                    });
+                    let alive = self
+                        .directory
+                        .node(&cp)
+                        .is_some_and(|i| now.since(i.seen) <= self.config.node.node_lost_ms);
                     (self.directory.holding(&root, &cp), alive)
                 };
                 let (state_name, percent) = match held {
@@ -1377,6 +1413,9 @@ impl Daemon {
     }
 }
 
+/// Objects younger than this are never evicted.
+const EVICT_MIN_AGE_MS: u64 = 10_000;
+
 /// Evicts cached roots oldest first down to the low watermark, then collects garbage.
 fn evict(
     store: &Store,
@@ -1394,7 +1433,10 @@ fn evict(
             // Shared blocks make this an upper bound; the pass repeats until under the mark.
             bytes: r.len.saturating_sub(r.hole_bytes),
             last_used_ms: r.added_ms,
-            pinned: keep.contains(cid.to_bytes().as_slice()) || r.name == "cluster-state",
+            // Just added or fetched (a reader may still be restoring it): kept a while.
+            pinned: keep.contains(cid.to_bytes().as_slice())
+                || r.name == "cluster-state"
+                || unix_ms().saturating_sub(r.added_ms) < EVICT_MIN_AGE_MS,
         })
         .collect();
     let plan = mycel_policy::budget::evict(&objects, used, capacity, marks);

@@ -493,7 +493,9 @@ pub fn load_config(path: &Path) -> Result<NodeConfig, DataDirError> {
         && n.low_watermark_pct <= n.high_watermark_pct
         && n.high_watermark_pct <= 100)
     {
-        return Err(invalid("[node] watermarks must satisfy 1 <= low_watermark_pct <= high_watermark_pct <= 100"));
+        return Err(invalid(
+            "[node] watermarks must satisfy 1 <= low_watermark_pct <= high_watermark_pct <= 100",
+        ));
     }
     if n.replication_interval_ms == 0 || n.node_lost_ms == 0 {
         return Err(invalid("[node] replication_interval_ms and node_lost_ms must be above 0"));

@@ -63,16 +63,28 @@ impl Metrics {
         );
         r.register("peers_connected", "Connected peers", m.peers_connected.clone());
         r.register("fetches_active", "Objects being fetched", m.fetches_active.clone());
-        r.register("refused_requests", "Requests refused for lack of a grant", m.refused_requests.clone());
+        r.register(
+            "refused_requests",
+            "Requests refused for lack of a grant",
+            m.refused_requests.clone(),
+        );
         r.register(
             "pins_under_replicated",
             "Pins below their minimum replicas",
             m.pins_under_replicated.clone(),
         );
         r.register("prepositions_at_risk", "Pre-positions at risk", m.prepositions_at_risk.clone());
-        r.register("prepositions_missed", "Pre-positions past their deadline", m.prepositions_missed.clone());
+        r.register(
+            "prepositions_missed",
+            "Pre-positions past their deadline",
+            m.prepositions_missed.clone(),
+        );
         r.register("pins_unplaceable", "Pins that cannot be placed", m.pins_unplaceable.clone());
-        r.register("evictions", "Cached objects evicted under the storage budget", m.evictions.clone());
+        r.register(
+            "evictions",
+            "Cached objects evicted under the storage budget",
+            m.evictions.clone(),
+        );
         m
     }
 }

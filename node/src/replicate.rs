@@ -11,8 +11,8 @@ use mycel_consensus::command::{Pin, Role};
 use mycel_consensus::state::ClusterState;
 use mycel_policy::placement::Candidate;
 use mycel_policy::plan::{Held, NodeState, PinSpec, Settings};
-use mycel_proto::announce::Directory;
 use mycel_proto::Timestamp;
+use mycel_proto::announce::Directory;
 
 use crate::net;
 

@@ -538,11 +538,7 @@ struct GrantBody {
     namespace: String,
 }
 
-async fn grant_change(
-    state: &AppState,
-    b: GrantBody,
-    add: bool,
-) -> Response {
+async fn grant_change(state: &AppState, b: GrantBody, add: bool) -> Response {
     // A member named by PeerId is checked here, so a typo is an error rather than a grant
     // that matches nobody.
     if let Some(p) = b.subject.strip_prefix("member:")
@@ -566,7 +562,10 @@ async fn grant_change(
     propose(state, vec![c]).await
 }
 
-async fn grant_add(State(state): State<AppState>, axum::Json(b): axum::Json<GrantBody>) -> Response {
+async fn grant_add(
+    State(state): State<AppState>,
+    axum::Json(b): axum::Json<GrantBody>,
+) -> Response {
     grant_change(&state, b, true).await
 }
 

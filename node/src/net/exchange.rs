@@ -97,7 +97,9 @@ pub async fn serve(mut stream: Stream, peer: PeerId, ctx: ServeCtx) {
                 write_frame(&mut stream, &Frame::Refused { req, reason: "not a member".into() })
                     .await
             }
-            Frame::Want { req, root, cids } => serve_want(&mut stream, peer, req, &root, &cids, &ctx).await,
+            Frame::Want { req, root, cids } => {
+                serve_want(&mut stream, peer, req, &root, &cids, &ctx).await
+            }
             Frame::WhoHas { req, root } => {
                 let answer = match wire::cid(&root) {
                     Ok(cid) => match (ctx.store.root(&cid), ctx.store.has(&cid)) {

@@ -8,3 +8,4 @@ mod cluster;
 mod configs;
 mod interop;
 mod mesh;
+mod pins;

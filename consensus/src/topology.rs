@@ -687,8 +687,19 @@ pub struct Observation {
     pub live: BTreeSet<Vec<u8>>,
     /// PeerIds of routers that report holding the version.
     pub holders: BTreeSet<Vec<u8>>,
-    /// Hook results by PeerId (true: applied, false: the hook failed or timed out).
-    pub hooks: BTreeMap<Vec<u8>, bool>,
+    /// Hook results by PeerId.
+    pub hooks: BTreeMap<Vec<u8>, HookResult>,
+}
+
+/// A router's report of running its hook for one activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HookResult {
+    /// The activation (or canary start) index it ran for: results of an earlier activation
+    /// of the same version do not count.
+    pub activation_index: u64,
+    /// The file is in place and the hook succeeded (false: failed or timed out, the previous
+    /// file restored).
+    pub applied: bool,
 }
 
 /// Most names the [`Decider`] tracks observations for.
@@ -802,7 +813,14 @@ fn decide(
         }
         VersionState::Canary => {
             let c = t.canary.as_ref()?;
-            match rules::canary(&canaries, &obs.hooks, c.fail_pct_max) {
+            let phase = t.canary_phase?;
+            let hooks: BTreeMap<Vec<u8>, bool> = obs
+                .hooks
+                .iter()
+                .filter(|(_, h)| h.activation_index == phase.started_index)
+                .map(|(p, h)| (p.clone(), h.applied))
+                .collect();
+            match rules::canary(&canaries, &hooks, c.fail_pct_max) {
                 rules::CanaryDecision::RollBack { .. } => Some(Command::EndTopologyCanary {
                     name: name.to_owned(),
                     version,
@@ -1187,11 +1205,15 @@ mod tests {
         assert_eq!(c.lab().canary_phase, None);
     }
 
-    fn observed(live: &[u8], holders: &[u8], hooks: &[(u8, bool)]) -> Observation {
+    /// An observation; hooks are (router, activation index, applied).
+    fn observed(live: &[u8], holders: &[u8], hooks: &[(u8, u64, bool)]) -> Observation {
         Observation {
             live: live.iter().map(|n| peer(*n)).collect(),
             holders: holders.iter().map(|n| peer(*n)).collect(),
-            hooks: hooks.iter().map(|(n, ok)| (peer(*n), *ok)).collect(),
+            hooks: hooks
+                .iter()
+                .map(|(n, i, ok)| (peer(*n), HookResult { activation_index: *i, applied: *ok }))
+                .collect(),
         }
     }
 
@@ -1283,9 +1305,13 @@ mod tests {
         let start = d.poll(&c.state, Timestamp(1_000));
         assert_eq!(start, vec![activate(2, true)]);
         c.apply(MANAGER, start[0].clone());
+        let i2 = c.lab().canary_phase.unwrap().started_index;
         d.handle_observation("lab", 2, observed(&all, &[ROUTER_A], &[]));
         assert!(d.poll(&c.state, Timestamp(2_000)).is_empty(), "waiting for the hook");
-        d.handle_observation("lab", 2, observed(&all, &[ROUTER_A], &[(ROUTER_A, false)]));
+        let stale = observed(&all, &[ROUTER_A], &[(ROUTER_A, i2 - 1, false)]);
+        d.handle_observation("lab", 2, stale);
+        assert!(d.poll(&c.state, Timestamp(2_500)).is_empty(), "a result of another activation");
+        d.handle_observation("lab", 2, observed(&all, &[ROUTER_A], &[(ROUTER_A, i2, false)]));
         let back = d.poll(&c.state, Timestamp(3_000));
         let end = |version: u64, promote: bool| {
             vec![Command::EndTopologyCanary { name: "lab".into(), version, promote }]
@@ -1293,15 +1319,16 @@ mod tests {
         assert_eq!(back, vec![end(2, false)]);
         c.apply(MANAGER, back[0].clone());
         assert_eq!(c.states(), vec![VersionState::Active, VersionState::Rejected]);
-        d.handle_observation("lab", 2, observed(&all, &all, &[(ROUTER_A, false)]));
+        d.handle_observation("lab", 2, observed(&all, &all, &[(ROUTER_A, i2, false)]));
         assert!(d.poll(&c.state, Timestamp(4_000)).is_empty(), "a rejected version stays");
         c.apply(MANAGER, cmd(stage(MANAGER, 2, DOC3)));
         d.handle_observation("lab", 3, observed(&all, &[ROUTER_A], &[]));
         c.apply(MANAGER, d.poll(&c.state, Timestamp(5_000)).remove(0));
         assert_eq!(c.lab().canary_phase.map(|p| p.version), Some(3));
-        d.handle_observation("lab", 3, observed(&all, &[ROUTER_A], &[(ROUTER_A, true)]));
+        let i3 = c.lab().canary_phase.unwrap().started_index;
+        d.handle_observation("lab", 3, observed(&all, &[ROUTER_A], &[(ROUTER_A, i3, true)]));
         assert!(d.poll(&c.state, Timestamp(6_000)).is_empty(), "B and C do not hold it yet");
-        d.handle_observation("lab", 3, observed(&all, &all, &[(ROUTER_A, true)]));
+        d.handle_observation("lab", 3, observed(&all, &all, &[(ROUTER_A, i3, true)]));
         let promote = d.poll(&c.state, Timestamp(7_000));
         assert_eq!(promote, vec![end(3, true)]);
         c.apply(MANAGER, promote[0].clone());

@@ -132,6 +132,61 @@ impl Watch {
     }
 }
 
+/// A watch as written in a router's config file (one `[[topology.watch]]` table) or given to
+/// `mycel topology watch NAME --out PATH [--format F] [--exec CMD]`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchConfig {
+    /// Topology name.
+    pub name: String,
+    /// The output file.
+    pub out: PathBuf,
+    /// `json`, `yaml` or `toml`; by default from the extension of `out`, else `json`.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// Hook command, run with `sh -c`.
+    #[serde(default)]
+    pub exec: Option<String>,
+    /// Hook timeout.
+    #[serde(default = "default_hook_timeout_ms")]
+    pub hook_timeout_ms: u64,
+}
+
+fn default_hook_timeout_ms() -> u64 {
+    HOOK_TIMEOUT_MS_DEFAULT
+}
+
+impl WatchConfig {
+    /// The checked [`Watch`].
+    ///
+    /// # Errors
+    /// [`ApplyError::Invalid`] for an unknown format, a bad name, an empty hook, or a timeout
+    /// out of bounds.
+    pub fn watch(&self) -> Result<Watch, ApplyError> {
+        let format = match &self.format {
+            Some(f) => f.parse::<Format>().map_err(|e| ApplyError::Invalid(e.to_string()))?,
+            None => self
+                .out
+                .extension()
+                .and_then(|e| e.to_str())
+                .and_then(|e| e.parse::<Format>().ok())
+                .unwrap_or(Format::Json),
+        };
+        if self.exec.as_deref().is_some_and(|c| c.trim().is_empty()) {
+            return Err(ApplyError::Invalid(format!("watch of {}: empty hook command", self.name)));
+        }
+        let w = Watch {
+            name: self.name.clone(),
+            path: self.out.clone(),
+            format,
+            hook: self.exec.clone(),
+            hook_timeout_ms: self.hook_timeout_ms,
+        };
+        w.validate()?;
+        Ok(w)
+    }
+}
+
 /// One activation to apply (from [`mycel_consensus::topology::Target`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Activation {
@@ -373,6 +428,51 @@ pub fn apply(
     record.applied_version = last.map_or(0, |r| r.applied_version);
     write_atomic(&record_path, &record.encode(), 0o600)?;
     Ok(Outcome::HookFailed { hook: run })
+}
+
+/// The signed command proposing `canonical` (the canonical JSON `mycel add` stored, whose
+/// source bytes have root `source`) as the next version of `name` on `base`, by the node
+/// whose identity key is `key`. The root is computed here as every manager will recompute it.
+///
+/// # Errors
+/// [`ApplyError::Invalid`] for a bad name, a document over
+/// [`mycel_consensus::topology::CANONICAL_BYTES_MAX`], or a bad chunker identity.
+#[allow(clippy::too_many_arguments)]
+pub fn stage_command(
+    key: &ed25519_dalek::SigningKey,
+    name: &str,
+    base: u64,
+    force: bool,
+    canonical: Vec<u8>,
+    source: &mycel_chunker::Cid,
+    config: &mycel_chunker::Config,
+    now_ms: u64,
+) -> Result<mycel_consensus::command::Command, ApplyError> {
+    use mycel_consensus::topology as t;
+    t::validate_name(name).map_err(ApplyError::Invalid)?;
+    if canonical.len() > t::CANONICAL_BYTES_MAX {
+        return Err(ApplyError::Invalid(format!(
+            "the canonical form of this topology is {} bytes; proposals carry at most {}",
+            canonical.len(),
+            t::CANONICAL_BYTES_MAX
+        )));
+    }
+    let root = canon::object_root(&canonical, config)
+        .map_err(|e| ApplyError::Invalid(format!("chunker identity: {e}")))?;
+    let mut stage = mycel_consensus::command::StageTopology {
+        name: name.to_owned(),
+        base,
+        canonical,
+        chunker: (*config).into(),
+        root: root.to_bytes().to_vec(),
+        source: source.to_bytes().to_vec(),
+        proposer: t::peer_of_key(&key.verifying_key().to_bytes()),
+        proposed_ms: now_ms,
+        signature: Vec::new(),
+        force,
+    };
+    t::sign(&mut stage, &key.to_bytes());
+    Ok(mycel_consensus::command::Command::StageTopology(Box::new(stage)))
 }
 
 /// The last activation handled for `name`, if any.
@@ -881,5 +981,60 @@ mod tests {
             let root = canon::object_root(&canonical, &config).unwrap();
             assert_eq!(report.root, root.to_string(), "{config:?}");
         }
+    }
+
+    #[test]
+    fn watch_configs_parse_and_are_checked() {
+        // A config table gives a watch with the format from the extension and the default
+        // timeout; an explicit format wins; unknown keys, formats, empty hooks and bad names
+        // are refused with the reason.
+        let parse = |t: &str| toml::from_str::<WatchConfig>(t).map_err(|e| e.to_string());
+        let w =
+            parse("name = \"lab\"\nout = \"/etc/lab/topo.yml\"\nexec = \"systemctl reload frr\"\n")
+                .unwrap()
+                .watch()
+                .unwrap();
+        assert_eq!(w.format, Format::Yaml);
+        assert_eq!(w.hook_timeout_ms, HOOK_TIMEOUT_MS_DEFAULT);
+        assert_eq!(w.hook.as_deref(), Some("systemctl reload frr"));
+        let w = parse("name = \"core/backbone\"\nout = \"/etc/b.conf\"\nformat = \"TOML\"\nhook_timeout_ms = 500\n")
+            .unwrap()
+            .watch()
+            .unwrap();
+        assert_eq!((w.format, w.hook_timeout_ms, w.hook), (Format::Toml, 500, None));
+        let plain = parse("name = \"lab\"\nout = \"/etc/lab/topology\"\n").unwrap();
+        assert_eq!(plain.watch().unwrap().format, Format::Json);
+        assert!(
+            parse("name = \"lab\"\nout = \"x\"\nexex = \"true\"\n").unwrap_err().contains("exex")
+        );
+        let bad = |t: &str| parse(t).unwrap().watch().unwrap_err().to_string();
+        assert!(bad("name = \"lab\"\nout = \"x\"\nformat = \"xml\"\n").contains("xml"));
+        assert!(bad("name = \"lab\"\nout = \"x\"\nexec = \" \"\n").contains("empty hook"));
+        assert!(bad("name = \"Lab\"\nout = \"x\"\n").contains("bad topology name"));
+        assert!(bad("name = \"lab\"\nout = \"x\"\nhook_timeout_ms = 0\n").contains("timeout"));
+    }
+
+    #[test]
+    fn stage_commands_are_signed_by_the_nodes_peer_id() {
+        // The proposer bytes of a stage command are the node's libp2p PeerId (the layout the
+        // managers read the key from), the root is the object root of the canonical bytes,
+        // and an oversized document or bad name is refused before anything is sent.
+        use mycel_chunker::{Cid, Config};
+        use mycel_consensus::command::Command as C;
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.to_bytes()).unwrap();
+        let source = Cid::raw(b"nodes: []\n");
+        let config = Config::default();
+        let c = stage_command(&key, "lab", 3, false, V1.to_vec(), &source, &config, 42).unwrap();
+        let C::StageTopology(s) = c else { panic!("{c:?}") };
+        assert_eq!(s.proposer, keypair.public().to_peer_id().to_bytes());
+        assert_eq!(s.root, canon::object_root(V1, &config).unwrap().to_bytes().to_vec());
+        assert_eq!((s.base, s.force, s.proposed_ms), (3, false, 42));
+        let vk = mycel_consensus::topology::key_of_peer(&s.proposer).unwrap();
+        let sig = ed25519_dalek::Signature::from_slice(&s.signature).unwrap();
+        vk.verify_strict(&mycel_consensus::topology::signed_message(&s), &sig).unwrap();
+        let big = vec![b' '; mycel_consensus::topology::CANONICAL_BYTES_MAX + 1];
+        assert!(stage_command(&key, "lab", 0, false, big, &source, &config, 0).is_err());
+        assert!(stage_command(&key, "L", 0, false, V1.to_vec(), &source, &config, 0).is_err());
     }
 }

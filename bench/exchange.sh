@@ -31,8 +31,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# json EXPR: prints json.load(stdin)EXPR (strings and numbers bare, anything else as JSON).
-json() { python3 -c "import json,sys; v=json.load(sys.stdin)$1; print(v if isinstance(v, (str, int, float)) else json.dumps(v))"; }
 mycel() { local d=$1; shift; MYCEL_DATA_DIR="$d" "$M" "$@"; }
 peer_id() { mycel "$1" id --json | json '["peer_id"]'; }
 free_udp_port() {

@@ -13,6 +13,7 @@
 # `fanin.sh --net-only` builds the network, measures each holder's capped uplink (alone, then
 # all at once) with 3 s TCP streams to the fetcher, and tears it down (no mycel needed).
 source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/netns.sh"
 SIZE_MIB="${SIZE_MIB:-256}"
 HOLDERS="${HOLDERS:-1 2 4}"
 RATE="${RATE:-100mbit}"
@@ -21,7 +22,6 @@ READY_S="${READY_S:-60}"
 PORT=4001
 NET=10.77.0
 PFX=mycelfan
-BR_NS="$PFX-br"
 FETCHER=f
 ALL_NODES=(f h1 h2 h3 h4)
 
@@ -31,32 +31,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 for tool in ip tc; do command -v "$tool" >/dev/null || { echo "fanin.sh needs $tool (iproute2)" >&2; exit 1; }; done
 
-ns() { echo "$PFX-$1"; }
 addr() { case $1 in f) echo "$NET.10" ;; h*) echo "$NET.$((10 + ${1#h}))" ;; esac; }
-# nx NODE CMD...: runs CMD in NODE's namespace with NODE's data directory.
-nx() { local node=$1; shift; MYCEL_DATA_DIR="$W/$node" ip netns exec "$(ns "$node")" "$@"; }
 
 W=""; IN="$SHM/fanin.bin"; OUT="$SHM/fanin.out"; PIDS=()
-kill_pids() {
-    local pid
-    for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "$@"; do wait "$pid" 2>/dev/null || true; done
-}
-# Removes this script's namespaces (and so their veths and the bridge); processes still inside
-# them (only ours: from an interrupted run of this script) are ended first, by PID.
-teardown_net() {
-    local n pids
-    for n in $(ip netns list | awk -v p="^$PFX-" '$1 ~ p {print $1}'); do
-        pids=$(ip netns pids "$n" 2>/dev/null || true)
-        if [ -n "$pids" ]; then
-            # shellcheck disable=SC2086
-            kill -TERM $pids 2>/dev/null || true; sleep 1
-            # shellcheck disable=SC2086
-            kill -KILL $pids 2>/dev/null || true
-        fi
-        ip netns del "$n"
-    done
-}
 cleanup() {
     kill_pids "${PIDS[@]}"
     teardown_net
@@ -67,37 +44,16 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 setup_net() {
-    local node n
-    ip netns add "$BR_NS"
-    ip -n "$BR_NS" link add br0 type bridge
-    ip -n "$BR_NS" link set br0 up
-    ip -n "$BR_NS" link set lo up
+    local node
+    net_bridge
     for node in "${ALL_NODES[@]}"; do
-        n=$(ns "$node")
-        ip netns add "$n"
-        ip -n "$BR_NS" link add "veth-$node" type veth peer name eth0 netns "$n"
-        ip -n "$BR_NS" link set "veth-$node" master br0 up
-        ip -n "$n" link set lo up
-        ip -n "$n" addr add "$(addr "$node")/24" dev eth0
-        ip -n "$n" link set eth0 up
-        # The holder's uplink: egress of its own eth0.
-        [ "$node" = "$FETCHER" ] || ip netns exec "$n" tc qdisc add dev eth0 root tbf rate "$RATE" burst 256kb latency 50ms
+        # The holders' uplinks are capped; the fetcher's is not.
+        if [ "$node" = "$FETCHER" ]; then net_node "$node" ""; else net_node "$node" "$RATE"; fi
     done
     for node in "${ALL_NODES[@]}"; do
         [ "$node" = "$FETCHER" ] && continue
         reachable "$FETCHER" "$node" || { echo "no route from the fetcher to $node ($(addr "$node"))" >&2; exit 1; }
     done
-}
-# reachable FROM TO: a TCP connect to a closed port comes back refused when TO answers at all
-# (no ping needed).
-reachable() {
-    ip netns exec "$(ns "$1")" python3 -c '
-import socket, sys
-s = socket.create_connection
-try:
-    s((sys.argv[1], 9), timeout=2)
-except ConnectionRefusedError:
-    pass' "$(addr "$2")" 2>/dev/null
 }
 # net_check: each holder alone, then all holders at once, send to the fetcher over TCP for 3 s;
 # prints the rates the fetcher sees (each should be the cap; together, the caps' sum).
@@ -143,8 +99,6 @@ s.close()' "$(addr "$FETCHER")" &
     wait "$rx"
     wait
 }
-# json EXPR: prints json.load(stdin)EXPR (strings and numbers bare, anything else as JSON).
-json() { python3 -c "import json,sys; v=json.load(sys.stdin)$1; print(v if isinstance(v, (str, int, float)) else json.dumps(v))"; }
 # set_members DIR PEER_ID...: rewrites `members = ...` in [cluster] of DIR/config.toml.
 set_members() {
     python3 - "$1/config.toml" "${@:2}" <<'PY'
@@ -166,21 +120,6 @@ text = ''.join(lines)
 assert tomllib.loads(text)['cluster']['members'] == members, path
 open(path, 'w').write(text)
 PY
-}
-# start NODE: `mycel run` in NODE's namespace; waits until `mycel id --json` shows addresses.
-# (A simple command, not the nx function, so that $! is the daemon: ip netns exec execs it.)
-start() {
-    local node=$1 pid i addrs
-    MYCEL_DATA_DIR="$W/$node" ip netns exec "$(ns "$node")" "$M" run >"$W/$node.log" 2>&1 &
-    pid=$!; PIDS+=("$pid")
-    for ((i = 0; i < READY_S * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || { echo "$node exited; log:" >&2; tail -20 "$W/$node.log" >&2; return 1; }
-        addrs=$(nx "$node" "$M" id --json 2>/dev/null | json '.get("listen_addrs") or ""' 2>/dev/null || true)
-        [ -n "$addrs" ] && return 0
-        sleep 0.1
-    done
-    echo "$node not ready after $READY_S s; log:" >&2; tail -20 "$W/$node.log" >&2
-    return 1
 }
 
 # trial K: fresh fetcher and K holders; sets TRIAL_S (seconds of the get) and TRIAL_SPLIT

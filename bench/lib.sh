@@ -13,3 +13,5 @@ elapsed() { python3 -c "print(f'{$2 - $1:.3f}')"; }
 median() { python3 -c 'import sys,statistics; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.3f}")' "$@"; }
 mbps() { python3 -c "print(f'{$1 / 1e6 / $2:.0f}')"; }
 machine() { echo "$(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r), $(df -h "$BENCH_DIR" | awk 'NR==2{print $1" "$2}')"; }
+# json EXPR: prints json.load(stdin)EXPR (strings and numbers bare, anything else as JSON).
+json() { python3 -c "import json,sys; v=json.load(sys.stdin)$1; print(v if isinstance(v, (str, int, float)) else json.dumps(v))"; }

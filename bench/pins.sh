@@ -42,7 +42,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-json() { python3 -c "import json,sys; v=json.load(sys.stdin)$1; print(v if isinstance(v, (str, int, float)) else json.dumps(v))"; }
 mycel() { local d=$1; shift; MYCEL_DATA_DIR="$d" "$M" "$@"; }
 
 write_client() {

@@ -707,11 +707,14 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 }
 
 /// Runs a store command through the daemon if one runs; `None` if none does.
+/// What a command forwarded to the daemon ended with, and what it printed.
+type Forwarded = (Result<(), Failure>, Vec<u8>);
+
 fn through_daemon(
     ctx: &Ctx,
     command: &Command,
     args: Vec<String>,
-) -> Result<Option<(Result<(), Failure>, Vec<u8>)>, Failure> {
+) -> Result<Option<Forwarded>, Failure> {
     let socket = ctx.dir.socket_path();
     if !socket.exists() {
         return Ok(None);

@@ -1471,7 +1471,7 @@ fn fs_free_bytes(path: &std::path::Path) -> u64 {
     }
     // SAFETY: statvfs returned 0, so it filled `st`.
     let st = unsafe { st.assume_init() };
-    u64::from(st.f_bavail).saturating_mul(st.f_frsize)
+    st.f_bavail.saturating_mul(st.f_frsize)
 }
 
 /// The store thread: appends fetched blocks and commits them in groups (by size, or as soon

@@ -13,8 +13,8 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn fast(node: &Node) -> Result<()> {
-    node.set_config("tick_ms", "50")?;
-    // Nine daemons share two cores here: a 1 s election timeout rides out scheduling stalls.
+    // Nine daemons share two cores here: a 2 s election timeout rides out scheduling stalls.
+    node.set_config("tick_ms", "100")?;
     node.set_config("election_ticks", "20")?;
     node.set_config("replication_interval_ms", "500")?;
     node.set_config("node_lost_ms", "4000")

@@ -429,8 +429,16 @@ fn set_bugs(bugs: u32) {
 fn set_bugs(_bugs: u32) {}
 
 impl World {
-    fn new(seed: u64, sc: Scenario, trace_out: Option<Box<dyn Write>>, bugs: u32) -> World {
+    fn new(seed: u64, mut sc: Scenario, trace_out: Option<Box<dyn Write>>, bugs: u32) -> World {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        if sc.nodes_max > sc.nodes {
+            sc.nodes = rng.gen_range(sc.nodes..=sc.nodes_max);
+            if sc.nodes >= 8 && rng.gen_bool(0.4) {
+                sc.managers = 5;
+            }
+            sc.managers = sc.managers.min(sc.nodes - 1);
+            sc.eligible = sc.eligible.min(sc.nodes - sc.managers);
+        }
         let mix = match sc.faults.mode {
             FaultMode::Swarm => Mix::draw(&mut rng, &sc.faults),
             FaultMode::Scripted => Mix::scripted(&sc.faults),
@@ -1227,7 +1235,23 @@ impl World {
         let now = self.now;
         match out {
             Output::Send { to, msg } => {
-                self.checker.on_raft_send(now, &msg);
+                let vote = self.checker.on_raft_send(now, &msg);
+                if vote
+                    && self.healed_at.is_none()
+                    && self.mix.vote_crash > 0.0
+                    && self.rng.gen_bool(self.mix.vote_crash)
+                {
+                    // A chosen crash point: right after the vote is persisted; half the time
+                    // before the answer leaves.
+                    if self.rng.gen_bool(0.5) && to >= 1 && (to as usize) <= self.members {
+                        self.send(i, to as usize - 1, Msg::Raft(msg));
+                    }
+                    self.crash(i);
+                    self.fault("crash-after-vote", i as u64);
+                    let at = self.now + self.rng.gen_range(10..100);
+                    self.push(at, Ev::Fault(Fault::Restart(i)));
+                    return;
+                }
                 if to >= 1 && (to as usize) <= self.members {
                     self.send(i, to as usize - 1, Msg::Raft(msg));
                 }

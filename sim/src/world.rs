@@ -604,7 +604,7 @@ impl World {
             self.start_core(i, voters.clone());
         }
         // The first manager's driver proposes the cluster: every member in index order (so
-        // Raft ids follow node indexes), and a read grant per zone namespace.
+        // Raft ids follow node indexes), and the grants the workload needs.
         let mut commands = vec![Command::InitCluster { cluster_id: [7; 16] }];
         for i in 0..self.members {
             let n = &self.nodes[i];
@@ -618,10 +618,17 @@ impl World {
                 addrs: vec![],
             }));
         }
+        // Every member may publish into the default namespace; each zone reads and
+        // publishes its own.
+        commands.push(Command::AddGrant(Grant {
+            subject: "*".into(),
+            permission: "publish".into(),
+            namespace: access::DEFAULT_NAMESPACE.into(),
+        }));
         for z in &self.zones {
             commands.push(Command::AddGrant(Grant {
                 subject: format!("zone:{z}"),
-                permission: "read".into(),
+                permission: "publish".into(),
                 namespace: format!("ns-{z}"),
             }));
         }
@@ -1708,6 +1715,23 @@ impl World {
         let me = n.peer.as_bytes().to_vec();
         let Some(my_member) = view.members.get(&me) else { return };
         if my_member.role != Role::Edge || view.pins.is_empty() {
+            self.refresh_peers(i);
+            return;
+        }
+        if n.hostility != Hostility::Honest {
+            // A hostile member collects every pin it may read, to be asked for it as often
+            // as possible (and then serve it corrupt or oversized).
+            let roots: Vec<Cid> = view
+                .pins
+                .keys()
+                .filter_map(|r| Cid::from_bytes(r).ok())
+                .filter(|r| Self::may_read(view, &me, r))
+                .filter(|r| !n.complete.contains(r) && !n.fetches.contains_key(r))
+                .collect();
+            for c in roots {
+                let f = Fetch::new(c, FetchConfig::default(), Timestamp(local));
+                self.nodes[i].fetches.insert(c, (f, Purpose::Replica));
+            }
             self.refresh_peers(i);
             return;
         }

@@ -42,7 +42,8 @@ fn every_planted_bug_is_caught_within_200_seeds() {
     // Each switch alone: some seed below 200 reports a violation of the expected kind.
     for (name, bug) in bugs::ALL {
         let caught = first_caught(bug);
-        let (seed, what) = caught.unwrap_or_else(|| panic!("planted bug {name} was not caught in 200 seeds"));
+        let (seed, what) =
+            caught.unwrap_or_else(|| panic!("planted bug {name} was not caught in 200 seeds"));
         eprintln!("{name}: caught at seed {seed}: {what}");
         let expected = match name {
             "skip-cid-check" => "store-matches-cid",

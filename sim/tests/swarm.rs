@@ -34,8 +34,12 @@ fn ci_swarm_200_seeds_hold_every_property() {
     let bad = failures(&reports, " --scenario configs/sim/ci.toml");
     assert!(bad.is_empty(), "{} of 200 seeds failed:\n{}", bad.len(), bad.join("\n"));
     let crashed = reports.iter().filter(|r| r.faults.contains_key("crash")).count();
-    let partitioned = reports.iter().filter(|r| r.faults.keys().any(|k| k.starts_with("partition"))).count();
-    assert!(crashed > 50 && partitioned > 50, "the swarm injects faults ({crashed} crashed, {partitioned} partitioned)");
+    let partitioned =
+        reports.iter().filter(|r| r.faults.keys().any(|k| k.starts_with("partition"))).count();
+    assert!(
+        crashed > 50 && partitioned > 50,
+        "the swarm injects faults ({crashed} crashed, {partitioned} partitioned)"
+    );
     assert!(reports.iter().all(|r| r.pins > 0), "every seed pins content");
 }
 
@@ -51,7 +55,8 @@ fn same_seed_same_trace_in_one_process() {
         assert_eq!(a.trace_hash, b.trace_hash, "seed {} is not deterministic", a.seed);
         assert_eq!(a.events, b.events);
     }
-    let distinct: std::collections::BTreeSet<&str> = first.iter().map(|r| r.trace_hash.as_str()).collect();
+    let distinct: std::collections::BTreeSet<&str> =
+        first.iter().map(|r| r.trace_hash.as_str()).collect();
     assert_eq!(distinct.len(), first.len(), "different seeds, different traces");
 }
 
@@ -106,7 +111,8 @@ fn every_scenario_file_parses_and_runs_briefly() {
 #[test]
 fn a_malformed_scenario_is_an_error_naming_the_line() {
     // Bad TOML, an unknown key and a broken rule are errors with a message, never a panic.
-    let e = Scenario::from_toml("x.toml", "name = \"x\"\n\n[workload]\nobjects = -1\n").unwrap_err();
+    let e =
+        Scenario::from_toml("x.toml", "name = \"x\"\n\n[workload]\nobjects = -1\n").unwrap_err();
     assert!(e.to_string().contains("line 4"), "{e}");
     let e = Scenario::from_toml("x.toml", "[links]\nlatency = 3\n").unwrap_err();
     assert!(e.to_string().contains("latency"), "{e}");

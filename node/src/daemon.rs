@@ -241,8 +241,8 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut registry);
     let policy = Arc::new(RwLock::new(net::gate::Policy::default()));
-    let mut swarm =
-        net::build_swarm(keypair, &mut registry, policy.clone()).map_err(|e| setup(&e))?;
+    let mut swarm = net::build_swarm(keypair, &mut registry, policy.clone(), config.node.mdns)
+        .map_err(|e| setup(&e))?;
     let p2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
     let members = Arc::new(RwLock::new(parse_members(&config, me).map_err(|e| setup(&e))?));
     policy.write().expect("gate lock").allowed = members.read().expect("members lock").clone();
@@ -455,6 +455,16 @@ impl Daemon {
         use libp2p::metrics::Recorder;
         self.p2p_metrics.record(&ev);
         match &ev {
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(libp2p::mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found.iter().cloned() {
+                    if peer != self.me && !self.connected.contains_key(&peer) {
+                        tracing::debug!(%peer, %addr, "mDNS: discovered");
+                        self.swarm.add_peer_address(peer, addr.clone());
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(_)) => {}
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.p2p_metrics.record(e),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => self.p2p_metrics.record(e),
             SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => self.p2p_metrics.record(e),

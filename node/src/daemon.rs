@@ -220,6 +220,8 @@ struct Daemon {
     zones: BTreeSet<String>,
     /// Free store bytes, refreshed with the budget.
     free_bytes: u64,
+    /// When the followed state was last saved (deltas are saved at most every 5 s).
+    followed_saved: Instant,
 }
 
 fn now(started: Instant) -> Timestamp {
@@ -348,6 +350,7 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
         evicting: Arc::default(),
         zones: BTreeSet::new(),
         free_bytes: 0,
+        followed_saved: Instant::now(),
     };
     d.start_cluster().map_err(|e| setup(&e))?;
     tracing::info!(peer_id = %d.me, zone = %d.config.node.zone, "mycel daemon starting");
@@ -1423,6 +1426,9 @@ impl Daemon {
     }
 }
 
+/// Most bytes of log entries in one follow answer (the follower asks again for the rest).
+const FOLLOW_DELTA_BYTES: u64 = 8 << 20;
+
 /// Objects younger than this are never evicted.
 const EVICT_MIN_AGE_MS: u64 = 10_000;
 
@@ -1896,13 +1902,42 @@ impl Daemon {
                     tracing::debug!(%peer, "follow request from a non-member ignored");
                     return;
                 }
+                // Deltas from the log when it still holds them; the whole state otherwise.
+                let deltas = self
+                    .core
+                    .as_ref()
+                    .filter(|_| since > 0)
+                    .and_then(|c| c.applied_entries_since(since, FOLLOW_DELTA_BYTES))
+                    .filter(|e| !e.is_empty());
                 let state = self.cluster_state();
-                let frame = if state.applied_index > since && state.cluster_id.is_some() {
+                let frame = if let Some(entries) = deltas {
+                    ClusterFrame::Entries { entries }
+                } else if state.applied_index > since && state.cluster_id.is_some() {
                     ClusterFrame::State { applied: state.applied_index, state: state.encode() }
                 } else {
                     ClusterFrame::State { applied: state.applied_index, state: Vec::new() }
                 };
                 let _ = reply.try_send(frame);
+            }
+            ClusterFrame::Entries { entries } => {
+                let next = self.followed.applied_index + 1;
+                if self.core.is_some() || entries.first().is_none_or(|e| e.0 != next) {
+                    return;
+                }
+                if entries.windows(2).any(|w| w[1].0 != w[0].0 + 1) {
+                    tracing::warn!(%peer, "follow entries out of order: ignored");
+                    return;
+                }
+                for (index, data) in &entries {
+                    self.followed.apply(*index, data);
+                }
+                if self.followed_saved.elapsed() >= Duration::from_secs(5)
+                    && let Some(meta) = &self.raft_meta
+                {
+                    self.followed_saved = Instant::now();
+                    let _ = meta.set_meta("followed_state", &self.followed.encode());
+                }
+                self.on_state_changed();
             }
             ClusterFrame::State { applied, state } => {
                 if self.core.is_some() || state.is_empty() || applied <= self.followed.applied_index

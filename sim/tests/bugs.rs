@@ -7,34 +7,18 @@
 use std::path::Path;
 
 use mycel_sim::scenario::Scenario;
+use mycel_sim::sweep::sweep_until;
 use mycel_sim::{Options, bugs, run};
 
 fn first_caught(bug: u32) -> Option<(u64, String)> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/sim/ci.toml");
     let text = std::fs::read_to_string(&path).unwrap();
     let sc = Scenario::from_toml("ci.toml", &text).unwrap();
-    let found = std::sync::Mutex::new(None);
-    let next = std::sync::atomic::AtomicU64::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..2 {
-            s.spawn(|| {
-                loop {
-                    let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if seed >= 200 || found.lock().unwrap().is_some() {
-                        return;
-                    }
-                    let r = run(Options { seed, scenario: sc.clone(), trace: None, bugs: bug });
-                    if let Some(v) = r.violations.first() {
-                        let mut f = found.lock().unwrap();
-                        if f.as_ref().is_none_or(|(s, _)| seed < *s) {
-                            *f = Some((seed, format!("{}: {}", v.check, v.detail)));
-                        }
-                    }
-                }
-            });
-        }
-    });
-    found.into_inner().unwrap()
+    let reports = sweep_until(&sc, 0..200, 2, bug, &|r| !r.passed());
+    reports
+        .iter()
+        .find(|r| !r.passed())
+        .map(|r| (r.seed, format!("{}: {}", r.violations[0].check, r.violations[0].detail)))
 }
 
 #[test]

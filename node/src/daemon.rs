@@ -884,7 +884,19 @@ impl Daemon {
 
     /// Runs the replication plan and carries out this node's part of it.
     fn replicate(&mut self) {
-        if !self.in_cluster() || self.cluster_state().pins.is_empty() {
+        let pins_now = self.cluster_state().pins.len();
+        if !self.in_cluster() || pins_now == 0 {
+            self.plan = mycel_policy::plan::Plan::default();
+            return;
+        }
+        if pins_now > REPLICATION_PINS_MAX {
+            // Planning is O(pins x members) on the event loop: past this size it would stall
+            // the node (and a manager's Raft). Pins stay committed; placement waits.
+            // (Planned at most every 1 + pins/10,000 intervals, so this warns rarely.)
+            tracing::warn!(
+                pins = pins_now,
+                "replication planning skipped above {REPLICATION_PINS_MAX} pins"
+            );
             self.plan = mycel_policy::plan::Plan::default();
             return;
         }
@@ -1425,6 +1437,9 @@ impl Daemon {
         }
     }
 }
+
+/// Most pins the replication worker plans for (see [`Daemon::replicate`]).
+const REPLICATION_PINS_MAX: usize = 100_000;
 
 /// Most bytes of log entries in one follow answer (the follower asks again for the rest).
 const FOLLOW_DELTA_BYTES: u64 = 8 << 20;

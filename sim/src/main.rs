@@ -31,7 +31,8 @@ struct Common {
     /// Managers (overrides the scenario).
     #[arg(long)]
     managers: Option<u32>,
-    /// Faulty phase, e.g. 2m (overrides the scenario); the healed phase follows.
+    /// Faulty phase, e.g. 2m (overrides the scenario; scripted faults after it are dropped);
+    /// the healed phase follows.
     #[arg(long)]
     duration: Option<String>,
     /// Planted bugs to switch on, comma separated (builds with the sim-bugs feature).
@@ -92,6 +93,9 @@ fn scenario(c: &Common) -> Result<(Scenario, String)> {
     }
     if let Some(d) = &c.duration {
         s.duration = Millis::parse(d).map_err(anyhow::Error::msg)?;
+        // Scripted faults after a shortened faulty phase are dropped.
+        let end = s.duration;
+        s.faults.timeline.retain(|step| step.at <= end);
         arg += &format!(" --duration {d}");
     }
     if !c.bugs.is_empty() {

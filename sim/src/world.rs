@@ -48,6 +48,10 @@ const ELECTION_TICKS: usize = 10;
 const ELECTION_MS: u64 = TICK_MS * ELECTION_TICKS as u64;
 /// Housekeeping period of every node (config pulls, pings, retries, expiry).
 const HOUSEKEEPING_MS: u64 = 1_000;
+/// Decoded configurations kept for sharing.
+const STATE_CACHE_MAX: usize = 64;
+/// Housekeeping rounds between configuration pulls.
+const PULL_EVERY: u64 = 2;
 /// A proposal unanswered this long is proposed again (same sequence: deduplicated).
 const PROPOSAL_RETRY_MS: u64 = 3_000;
 /// Forwarding hops at most.
@@ -118,6 +122,8 @@ struct Outstanding {
     retry_at: u64,
     /// Pins this proposal adds (acknowledged with it).
     pins: Vec<Cid>,
+    /// Whether it is the cluster's init.
+    init: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,7 +153,7 @@ struct Node {
     backend: MemBackend,
     core: Option<Core<MemBackend>>,
     restarts: u64,
-    followed: ClusterState,
+    followed: Rc<ClusterState>,
     store: BTreeMap<Cid, Rc<[u8]>>,
     complete: BTreeSet<Cid>,
     fetches: BTreeMap<Cid, (Fetch, Purpose)>,
@@ -179,7 +185,7 @@ impl Node {
     fn view(&self) -> &ClusterState {
         match &self.core {
             Some(c) if c.state().applied_index >= self.followed.applied_index => c.state(),
-            _ => &self.followed,
+            _ => self.followed.as_ref(),
         }
     }
 
@@ -347,6 +353,11 @@ pub struct World {
     mix: Mix,
     loss: f64,
     pool: Pool,
+    /// The operator's `cluster init` proposal, and whether it was applied.
+    init: Vec<Command>,
+    initialised: bool,
+    /// Decoded configurations by the address of their encoded buffer.
+    states: BTreeMap<usize, (Rc<Vec<u8>>, Rc<ClusterState>)>,
     checker: Checker,
     trace: blake3::Hasher,
     trace_out: Option<Box<dyn Write>>,
@@ -505,7 +516,7 @@ impl World {
                 backend: MemBackend::new(),
                 core: None,
                 restarts: 0,
-                followed: ClusterState::default(),
+                followed: Rc::new(ClusterState::default()),
                 store: BTreeMap::new(),
                 complete: BTreeSet::new(),
                 fetches: BTreeMap::new(),
@@ -558,6 +569,9 @@ impl World {
             loss: mix.loss,
             mix,
             pool: Pool::default(),
+            init: Vec::new(),
+            initialised: false,
+            states: BTreeMap::new(),
             checker: Checker::default(),
             trace: blake3::Hasher::new(),
             trace_out,
@@ -638,6 +652,7 @@ impl World {
                 namespace: format!("ns-{z}"),
             }));
         }
+        self.init = commands.clone();
         self.nodes[0].proposals.push_back((commands, Vec::new()));
         for i in 0..self.nodes.len() {
             self.reschedule(i);
@@ -826,8 +841,9 @@ impl World {
                     self.trace.update(b);
                 }
                 self.record("deliver", from as u64, to as u64);
+                let core = !matches!(msg, Msg::Pull { .. } | Msg::Push(_) | Msg::Ping(_));
                 self.on_message(from, to, msg);
-                self.after(to);
+                self.after_step(to, core);
             }
             Ev::Gossip { from, bytes } => self.on_gossip(from, &bytes),
             Ev::Fault(f) => self.on_fault(f),
@@ -842,10 +858,17 @@ impl World {
 
     /// After every step at node `i`: its cores' invariants, then its next timer.
     fn after(&mut self, i: usize) {
+        self.after_step(i, true);
+    }
+
+    /// [`World::after`]; `core` says whether the step could have changed the consensus
+    /// core (configuration pulls and pings only read it, and are most of a manager's
+    /// messages in a large fleet).
+    fn after_step(&mut self, i: usize, core: bool) {
         self.drain(i);
         let n = &mut self.nodes[i];
         if n.live() {
-            if let Some(c) = &n.core {
+            if let Some(c) = n.core.as_ref().filter(|_| core) {
                 c.check_invariants();
             }
             for (f, _) in n.fetches.values() {
@@ -1095,9 +1118,10 @@ impl World {
         if n.kind == Kind::Outsider {
             return;
         }
-        // Follow the committed configuration from a manager.
+        // Follow the committed configuration from a manager, every few seconds.
         let managers = self.manager_nodes(i);
-        if let Some(&m) = managers.choose(&mut self.rng) {
+        let pull = (local / HOUSEKEEPING_MS).is_multiple_of(PULL_EVERY);
+        if let Some(&m) = managers.choose(&mut self.rng).filter(|_| pull) {
             let have = self.nodes[i].followed.applied_index;
             self.send(i, m, Msg::Pull { have });
         }
@@ -1124,6 +1148,15 @@ impl World {
             for j in targets {
                 self.send(i, j, Msg::Ping(local));
             }
+        }
+        // The operator's `cluster init` is retried at the first manager until it is applied.
+        if i == 0
+            && !self.initialised
+            && self.nodes[0].outstanding.is_none()
+            && self.nodes[0].proposals.is_empty()
+        {
+            let init = self.init.clone();
+            self.nodes[0].proposals.push_back((init, Vec::new()));
         }
         // Proposals: retry the outstanding one, or start the next.
         if let Some(o) = &mut self.nodes[i].outstanding
@@ -1171,6 +1204,7 @@ impl World {
         }
         let Some((commands, pins)) = n.proposals.pop_front() else { return };
         n.seq += 1;
+        let init = matches!(commands.first(), Some(Command::InitCluster { .. }));
         let data = Proposal { from: n.peer.as_bytes().to_vec(), seq: n.seq, commands }.encode();
         let local = n.local(self.now);
         n.outstanding = Some(Outstanding {
@@ -1178,6 +1212,7 @@ impl World {
             data: data.clone(),
             retry_at: local + PROPOSAL_RETRY_MS,
             pins,
+            init,
         });
         self.submit(i, data, 0);
     }
@@ -1327,6 +1362,10 @@ impl World {
         }
         let o = self.nodes[i].outstanding.take().expect("checked");
         self.record("ack", i as u64, seq);
+        if i == 0 && o.init {
+            // Applied, or rejected as already initialised: either way the cluster exists.
+            self.initialised = true;
+        }
         if applied {
             self.checker.acked.insert((self.nodes[i].peer.as_bytes().to_vec(), seq));
             for p in o.pins {
@@ -1486,7 +1525,7 @@ impl World {
                 self.send(to, from, Msg::Push(bytes));
             }
             Msg::Push(bytes) => {
-                if let Ok(s) = ClusterState::decode(&bytes)
+                if let Some(s) = self.decode_state(&bytes)
                     && s.applied_index > self.nodes[to].followed.applied_index
                 {
                     self.nodes[to].followed = s;
@@ -1508,6 +1547,23 @@ impl World {
             }
             Msg::Frame { root, bytes } => self.on_frame(from, to, root, &bytes, local),
         }
+    }
+
+    /// Decodes a pushed configuration. Every push of one manager's encoding at one index
+    /// shares one buffer; it is decoded once and the edges that receive it share the result
+    /// (1,000 edges holding 1,000-member states each would otherwise take a gigabyte).
+    fn decode_state(&mut self, bytes: &Rc<Vec<u8>>) -> Option<Rc<ClusterState>> {
+        let key = Rc::as_ptr(bytes) as usize;
+        if let Some((_, s)) = self.states.get(&key) {
+            return Some(s.clone());
+        }
+        let s = Rc::new(ClusterState::decode(bytes).ok()?);
+        if self.states.len() >= STATE_CACHE_MAX {
+            self.states.clear();
+        }
+        // The cache holds the buffer, so its address cannot be reused while cached.
+        self.states.insert(key, (bytes.clone(), s.clone()));
+        Some(s)
     }
 
     fn is_member(&self, at: usize, who: usize) -> bool {
@@ -2205,14 +2261,23 @@ impl World {
         }
         if let (Some(leader_ms), None) = (self.conv.leader_ms, self.conv.config_ms) {
             let leader = self.agreed_leader();
-            let target =
-                leader.and_then(|l| self.nodes[l].core.as_ref()).map(|c| c.state().applied_index);
-            let all = target.is_some_and(|t| {
+            let state = leader.and_then(|l| self.nodes[l].core.as_ref()).map(|c| c.state());
+            // The cluster must exist: initialised, with every node a member (or removed).
+            let formed = state.is_some_and(|s| {
+                s.cluster_id.is_some()
+                    && (0..self.members).all(|j| {
+                        let p = self.nodes[j].peer.as_bytes();
+                        s.members.contains_key(p) || s.removed.contains(p)
+                    })
+            });
+            let target = state.filter(|_| formed).map(|s| (s.applied_index, s.removed.clone()));
+            let all = target.as_ref().is_some_and(|(t, removed)| {
                 self.live_members().iter().all(|&j| {
-                    let v = self.nodes[j].view();
-                    v.applied_index == t || !v.members.contains_key(self.nodes[j].peer.as_bytes())
+                    self.nodes[j].view().applied_index == *t
+                        || removed.contains(self.nodes[j].peer.as_bytes())
                 })
             });
+            let target = target.map(|(t, _)| t);
             if all {
                 self.conv.config_ms = Some(since);
             } else if since > leader_ms + HEAL_CONFIG_MS {

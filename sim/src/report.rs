@@ -53,6 +53,10 @@ pub struct Report {
     pub bytes: u64,
     /// Proposals acknowledged.
     pub acknowledged: u64,
+    /// Replication plans run.
+    pub plans_run: u64,
+    /// Replication plans skipped because their inputs had not changed.
+    pub plans_skipped: u64,
     /// Objects published and pinned.
     pub pins: u64,
     /// The fault mix drawn.

@@ -353,6 +353,8 @@ pub struct World {
     mix: Mix,
     loss: f64,
     pool: Pool,
+    /// Replication plans run and skipped (inputs unchanged).
+    plans: (u64, u64),
     /// The operator's `cluster init` proposal, and whether it was applied.
     init: Vec<Command>,
     initialised: bool,
@@ -569,6 +571,7 @@ impl World {
             loss: mix.loss,
             mix,
             pool: Pool::default(),
+            plans: (0, 0),
             init: Vec::new(),
             initialised: false,
             states: BTreeMap::new(),
@@ -1855,8 +1858,10 @@ impl World {
         // digest of the inputs is kept; this is what lets 1,000 nodes plan on one core).
         let digest = plan_digest(&pins, &nodes, view);
         if n.last_plan == Some(digest) {
+            self.plans.1 += 1;
             return;
         }
+        self.plans.0 += 1;
         // As the daemon does: one plan per namespace, with only the nodes that may read it
         // counted as storage.
         let mut by_ns: BTreeMap<String, Vec<PinSpec>> = BTreeMap::new();
@@ -2555,6 +2560,8 @@ impl World {
             messages: self.messages,
             bytes: self.bytes,
             acknowledged: self.checker.acked.len() as u64,
+            plans_run: self.plans.0,
+            plans_skipped: self.plans.1,
             pins: self.acked_pins.len() as u64,
             mix: self.mix.clone(),
             faults: self.faults.clone(),
@@ -2589,8 +2596,17 @@ fn may_read_namespace(state: &ClusterState, who: &[u8], ns: &str) -> bool {
     access::allowed(grants, &subject, ns, Permission::Read)
 }
 
-/// A digest of a replication plan's inputs (and the grants that filter them).
+/// A digest of a replication plan's inputs (and the grants that filter them): equal
+/// digests give equal plans. Free bytes and loads enter only as far as the plan can see
+/// them: with no pin size known, free bytes matter through placement's capacity class
+/// alone; with every load below the balancing and overload thresholds, loads matter
+/// through placement's load class alone (`mycel_policy::placement::weight`).
 fn plan_digest(pins: &[PinSpec], nodes: &[NodeState], view: &ClusterState) -> [u8; 32] {
+    let settings = Settings::default();
+    let exact_free = pins.iter().any(|p| p.size_bytes != 0);
+    let exact_load = nodes
+        .iter()
+        .any(|n| n.node.load >= settings.balance_min_load || n.node.load > settings.overload);
     let mut h = blake3::Hasher::new();
     let mut put = |b: &[u8]| {
         h.update(&(b.len() as u64).to_le_bytes());
@@ -2605,18 +2621,21 @@ fn plan_digest(pins: &[PinSpec], nodes: &[NodeState], view: &ClusterState) -> [u
         put(&n.node.id);
         put(n.node.zone.as_bytes());
         put(format!("{:?}", n.node.tags).as_bytes());
-        put(&n.node.free_bytes.to_le_bytes());
-        put(&n.node.load.to_le_bytes());
+        let free = if exact_free {
+            n.node.free_bytes
+        } else {
+            (n.node.free_bytes >> 30).checked_ilog2().map_or(u64::MAX, u64::from)
+        };
+        put(&free.to_le_bytes());
+        let load = if exact_load { n.node.load } else { (n.node.load / 8).min(15) };
+        put(&load.to_le_bytes());
         put(&[u8::from(n.storage), u8::from(n.alive)]);
         for (root, held) in &n.holdings {
             put(root);
             match held {
                 Held::Complete => put(&[1]),
-                Held::Partial { done, total } => {
-                    put(&[2]);
-                    put(&done.to_le_bytes());
-                    put(&total.to_le_bytes());
-                }
+                // The plan does not read a copy's progress, only that it is under way.
+                Held::Partial { .. } => put(&[2]),
             }
         }
     }

@@ -30,7 +30,7 @@ start() {
     MYCEL_DATA_DIR="$W/$1" "$M" run >"$W/$1.log" 2>&1 &
     PID_OF[$1]=$!; PIDS+=("$!")
     for ((i = 0; i < READY_S * 10; i++)); do
-        mycel "$1" id --json 2>/dev/null | grep -q listen_addrs && return 0
+        mycel "$1" id --json 2>/dev/null | grep -q quic-v1 && return 0
         sleep 0.1
     done
     echo "$1 not ready; log:" >&2; tail -20 "$W/$1.log" >&2; return 1

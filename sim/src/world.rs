@@ -281,10 +281,16 @@ enum Partition {
 
 #[derive(Debug)]
 enum Fault {
-    Crash { restart_after: Option<u64>, role: Option<Kind>, node: Option<usize> },
+    Crash {
+        restart_after: Option<u64>,
+        role: Option<Kind>,
+        node: Option<usize>,
+    },
     Restart(usize),
     Pause(Option<usize>, u64),
     Partition(Option<Partition>, u64),
+    /// Isolates a live node of this role (any role: `None`).
+    IsolateRole(Option<Kind>, u64),
     Unpartition(u64),
     BitFlip,
     FsyncFail,
@@ -782,7 +788,10 @@ impl World {
             "kill" => Fault::Crash { restart_after: None, role, node },
             "restart" => Fault::Restart(node?),
             "pause" => Fault::Pause(node, len),
-            "isolate" => Fault::Partition(node.map(Partition::Isolate), len),
+            "isolate" => match node {
+                Some(n) => Fault::Partition(Some(Partition::Isolate(n)), len),
+                None => Fault::IsolateRole(role, len),
+            },
             "one-way" => Fault::Partition(Some(Partition::OneWay(node?, s.to? as usize)), len),
             "partition-zones" => {
                 let set: BTreeSet<usize> =
@@ -2099,6 +2108,11 @@ impl World {
                 self.fault(kind, id);
                 let at = self.now + len;
                 self.push(at, Ev::Fault(Fault::Unpartition(id)));
+            }
+            Fault::IsolateRole(role, len) => {
+                if let Some(i) = self.pick(role, true) {
+                    self.on_fault(Fault::Partition(Some(Partition::Isolate(i)), len));
+                }
             }
             Fault::Unpartition(id) => {
                 self.partitions.remove(&id);

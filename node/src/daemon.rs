@@ -568,7 +568,25 @@ impl Daemon {
         // A holder heard through the gossip mesh but not connected yet: dial it (its
         // addresses come from identify or the committed member list).
         if wanted && !self.connected.contains_key(&source) {
-            let _ = self.swarm.dial(source);
+            self.dial_member(source);
+        }
+    }
+
+    /// Dials a member at its committed addresses (libp2p keeps no addresses for a peer known
+    /// only by its PeerId, so dialling by id alone fails between edges).
+    fn dial_member(&mut self, peer: PeerId) {
+        let addrs: Vec<Multiaddr> = self
+            .cluster_state()
+            .members
+            .get(&peer.to_bytes())
+            .map(|m| m.addrs.iter().filter_map(|a| a.parse().ok()).collect())
+            .unwrap_or_default();
+        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, "dial: {e}");
         }
     }
 

@@ -13,10 +13,26 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
-use mycel_tests::{Node, Running, file_hash, mycel_bin, wait_for};
+use mycel_tests::{Node, Running, file_hash, mycel_bin};
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     crate::mesh::SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `mycel_tests::wait_for`, polling every 500 ms: most checks here start a `mycel` process,
+/// and the daemons need the two cores more.
+fn wait_for<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check() {
+            return Ok(v);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
 }
 
 fn fast(node: &Node) -> Result<()> {
@@ -116,10 +132,58 @@ fn wait_files(
     })
 }
 
-fn propose(node: &Node, name: &str, file: &Path, extra: &[&str]) -> Result<mycel_tests::Run> {
+/// Whether a command failed only because no quorum answered in time (two shared cores
+/// sometimes leave the managers without a leader for a while).
+fn no_quorum(r: &mycel_tests::Run) -> bool {
+    r.code == 1 && r.stderr.contains("no quorum answered")
+}
+
+/// Runs a quorum command, again while no quorum answers.
+fn quorum(node: &Node, args: &[&str]) -> Result<mycel_tests::Run> {
+    for _ in 0..6 {
+        let r = node.run(args)?;
+        if !no_quorum(&r) {
+            return Ok(r);
+        }
+        eprintln!("no quorum for {args:?}; again");
+    }
+    bail!("no quorum answered {args:?} six times")
+}
+
+fn quorum_ok(node: &Node, args: &[&str]) -> Result<mycel_tests::Run> {
+    let r = quorum(node, args)?;
+    anyhow::ensure!(r.code == 0, "mycel {args:?} exited {}: {}", r.code, r.stderr);
+    Ok(r)
+}
+
+/// Proposes; a proposal that timed out and committed later makes the retry fail as
+/// "already has this root", which counts as staged. Returns the exit code and the version
+/// (for exit 0).
+fn propose(
+    node: &Node,
+    name: &str,
+    file: &Path,
+    extra: &[&str],
+) -> Result<(i32, Option<u64>, String)> {
     let mut args = vec!["topology", "propose", name, file.to_str().context("utf-8")?, "--json"];
     args.extend_from_slice(extra);
-    node.run(&args)
+    let mut timed_out = false;
+    for _ in 0..6 {
+        let r = node.run(&args)?;
+        if no_quorum(&r) {
+            timed_out = true;
+            eprintln!("no quorum for {args:?}; again");
+            continue;
+        }
+        if r.code == 0 {
+            return Ok((0, r.json()?["version"].as_u64(), r.stderr));
+        }
+        if timed_out && r.code == 4 && r.stderr.contains("already has this root") {
+            return Ok((0, history(node, name).and_then(|h| h["latest"].as_u64()), r.stderr));
+        }
+        return Ok((r.code, None, r.stderr));
+    }
+    bail!("no quorum answered {args:?} six times")
 }
 
 /// A copy of backbone.json with one link metric changed (a new version of the same graph).
@@ -209,22 +273,21 @@ fn scenario(root: &Path) -> Result<()> {
     // 1. A proposal from a manager becomes active; every router's file is what `get
     //    --format` gives, in each router's format. Three realistic documents.
     let backbone = configs().join("backbone.json");
-    let r = propose(&m1, "backbone", &backbone, &[])?;
-    anyhow::ensure!(r.code == 0, "propose backbone: {} {}", r.code, r.stderr);
-    anyhow::ensure!(r.json()?["version"] == 1, "{}", r.text());
+    let (code, version, err) = propose(&m1, "backbone", &backbone, &[])?;
+    anyhow::ensure!(code == 0 && version == Some(1), "propose backbone: {code} {version:?} {err}");
     for (name, file) in [("lab", "lab.yaml"), ("policy", "routing-policy.toml")] {
-        let r = propose(&m1, name, &configs().join(file), &[])?;
-        anyhow::ensure!(r.code == 0, "propose {name}: {} {}", r.code, r.stderr);
+        let (code, _, err) = propose(&m1, name, &configs().join(file), &[])?;
+        anyhow::ensure!(code == 0, "propose {name}: {code} {err}");
     }
-    wait_for(60, "backbone, lab and policy active", || {
+    wait_for(120, "backbone, lab and policy active", || {
         ["backbone", "lab", "policy"].iter().all(|n| active(&m1, n) == Some(1)).then_some(())
     })?;
     let b1 = expected_hash(&m1, tmp, "backbone", 1, "json")?;
-    wait_files(&routers, &all, "backbone", "json", &b1, 30)?;
+    wait_files(&routers, &all, "backbone", "json", &b1, 60)?;
     let lab = expected_hash(&m1, tmp, "lab", 1, "yaml")?;
-    wait_files(&routers, &all, "lab", "yaml", &lab, 30)?;
+    wait_files(&routers, &all, "lab", "yaml", &lab, 60)?;
     let pol = expected_hash(&m1, tmp, "policy", 1, "toml")?;
-    wait_files(&routers, &all, "policy", "toml", &pol, 30)?;
+    wait_files(&routers, &all, "policy", "toml", &pol, 60)?;
     // show --format gives the same bytes; show --source gives the file as written.
     let shown = m1.ok(&["topology", "show", "lab", "--format", "yaml"])?.stdout;
     anyhow::ensure!(blake3::hash(&shown).to_hex().to_string() == lab, "show --format yaml");
@@ -241,17 +304,20 @@ fn scenario(root: &Path) -> Result<()> {
 
     // 2. Unauthorised: a router without publish is refused (11); granted, the same passes.
     let v2 = backbone_variant(tmp, 11)?;
-    let r = propose(&routers[1].node, "backbone", &v2, &[])?;
-    anyhow::ensure!(r.code == 11, "unauthorised: exit {} {}", r.code, r.stderr);
-    m1.ok(&["grant", "add", &format!("member:{}", routers[1].peer), "publish", "topology"])?;
-    let r = wait_for(30, "the granted proposal", || {
+    let (code, _, err) = propose(&routers[1].node, "backbone", &v2, &[])?;
+    anyhow::ensure!(code == 11, "unauthorised: exit {code} {err}");
+    quorum_ok(
+        &m1,
+        &["grant", "add", &format!("member:{}", routers[1].peer), "publish", "topology"],
+    )?;
+    let (code, _, err) = wait_for(120, "the granted proposal", || {
         let r = propose(&routers[1].node, "backbone", &v2, &[]).ok()?;
-        (r.code != 11).then_some(r)
+        (r.0 != 11).then_some(r)
     })?;
-    anyhow::ensure!(r.code == 0, "granted: exit {} {}", r.code, r.stderr);
-    wait_for(60, "backbone 2 active", || (active(&m1, "backbone") == Some(2)).then_some(()))?;
+    anyhow::ensure!(code == 0, "granted: exit {code} {err}");
+    wait_for(120, "backbone 2 active", || (active(&m1, "backbone") == Some(2)).then_some(()))?;
     let b2 = expected_hash(&m1, tmp, "backbone", 2, "json")?;
-    wait_files(&routers, &all, "backbone", "json", &b2, 30)?;
+    wait_files(&routers, &all, "backbone", "json", &b2, 60)?;
     let d = m1.ok(&["topology", "diff", "backbone", "1", "2", "--json"])?.json()?;
     anyhow::ensure!(
         d["paths"].as_array().is_some_and(|p| p.len() == 1 && p[0]["path"] == "/links/0/metric"),
@@ -260,13 +326,8 @@ fn scenario(root: &Path) -> Result<()> {
 
     // 3. Schema: a document with a string ASN is refused (12) naming the path; fixed, it
     //    passes.
-    m1.ok(&[
-        "topology",
-        "schema",
-        "set",
-        "backbone",
-        configs().join("backbone.schema.json").to_str().context("utf-8")?,
-    ])?;
+    let schema = configs().join("backbone.schema.json");
+    quorum_ok(&m1, &["topology", "schema", "set", "backbone", schema.to_str().context("utf-8")?])?;
     let text = std::fs::read_to_string(configs().join("backbone.json"))?;
     let broken = tmp.join("broken.json");
     std::fs::write(
@@ -277,17 +338,12 @@ fn scenario(root: &Path) -> Result<()> {
             1,
         ),
     )?;
-    let r = propose(&m1, "backbone", &broken, &[])?;
-    anyhow::ensure!(
-        r.code == 12 && r.stderr.contains("/routers/0/asn"),
-        "schema: exit {} {}",
-        r.code,
-        r.stderr
-    );
+    let (code, _, err) = propose(&m1, "backbone", &broken, &[])?;
+    anyhow::ensure!(code == 12 && err.contains("/routers/0/asn"), "schema: exit {code} {err}");
     let fixed = backbone_variant(tmp, 12)?;
-    let r = propose(&m1, "backbone", &fixed, &[])?;
-    anyhow::ensure!(r.code == 0, "fixed: exit {} {}", r.code, r.stderr);
-    wait_for(60, "backbone 3 active", || (active(&m1, "backbone") == Some(3)).then_some(()))?;
+    let (code, _, err) = propose(&m1, "backbone", &fixed, &[])?;
+    anyhow::ensure!(code == 0, "fixed: exit {code} {err}");
+    wait_for(120, "backbone 3 active", || (active(&m1, "backbone") == Some(3)).then_some(()))?;
 
     // 4. Two proposals on base 3 at once: exactly one becomes 4, the other exits 10; forced,
     //    it becomes 5.
@@ -313,40 +369,56 @@ fn scenario(root: &Path) -> Result<()> {
     let cb = spawn(&routers[1].node, &b)?;
     let (oa, ob) = (ca.wait_with_output()?, cb.wait_with_output()?);
     let codes = (oa.status.code(), ob.status.code());
+    let timed_out = |o: &std::process::Output| {
+        o.status.code() == Some(1)
+            && String::from_utf8_lossy(&o.stderr).contains("no quorum answered")
+    };
     let (loser_node, loser_file) = match codes {
         (Some(0), Some(10)) => (&routers[1].node, &b),
         (Some(10), Some(0)) => (&m1, &a),
+        // No quorum for a while: the log decides which one was staged as 4.
+        _ if timed_out(&oa) || timed_out(&ob) => {
+            let root = |f: &Path| -> Result<String> {
+                let v = m1.add(f, &["--kind", "topology"])?;
+                Ok(v["root"].as_str().context("root")?.to_string())
+            };
+            let (ra, rb) = (root(&a)?, root(&b)?);
+            let fourth = wait_for(120, "version 4", || {
+                let h = history(&m1, "backbone")?;
+                h["versions"].as_array()?.iter().find(|v| v["version"] == 4)?["cid"]
+                    .as_str()
+                    .map(str::to_string)
+            })?;
+            anyhow::ensure!(fourth == ra || fourth == rb, "version 4 is neither proposal");
+            if fourth == ra { (&routers[1].node, &b) } else { (&m1, &a) }
+        }
         other => bail!(
             "concurrent proposals exited {other:?}: {} / {}",
             String::from_utf8_lossy(&oa.stderr),
             String::from_utf8_lossy(&ob.stderr)
         ),
     };
-    let r = propose(loser_node, "backbone", loser_file, &["--base", "3", "--force"])?;
-    anyhow::ensure!(
-        r.code == 0 && r.json()?["version"] == 5,
-        "forced: exit {} {}",
-        r.code,
-        r.text()
-    );
-    wait_for(60, "backbone 5 active", || (active(&m1, "backbone") == Some(5)).then_some(()))?;
+    let (code, version, err) =
+        propose(loser_node, "backbone", loser_file, &["--base", "3", "--force"])?;
+    anyhow::ensure!(code == 0 && version == Some(5), "forced: exit {code} {version:?} {err}");
+    wait_for(120, "backbone 5 active", || (active(&m1, "backbone") == Some(5)).then_some(()))?;
     let b5 = expected_hash(&m1, tmp, "backbone", 5, "json")?;
-    wait_files(&routers, &all, "backbone", "json", &b5, 30)?;
+    wait_files(&routers, &all, "backbone", "json", &b5, 60)?;
 
     // 5. Rollback: version 1 is active again and every router holds its bytes.
-    m1.ok(&["topology", "activate", "backbone", "--version", "1"])?;
-    wait_files(&routers, &all, "backbone", "json", &b1, 30)?;
+    quorum_ok(&m1, &["topology", "activate", "backbone", "--version", "1"])?;
+    wait_files(&routers, &all, "backbone", "json", &b1, 60)?;
     anyhow::ensure!(version_state(&m1, "backbone", 5).as_deref() == Some("superseded"));
 
     // 6. A failing hook restores the previous file: router 2 keeps version 1's bytes while
     //    the others move to 6; its status says the hook failed.
     std::fs::write(routers[2].fail_marker(), b"")?;
     let v6 = backbone_variant(tmp, 16)?;
-    let r = propose(&m1, "backbone", &v6, &[])?;
-    anyhow::ensure!(r.code == 0, "propose 6: exit {} {}", r.code, r.stderr);
-    wait_for(60, "backbone 6 active", || (active(&m1, "backbone") == Some(6)).then_some(()))?;
+    let (code, _, err) = propose(&m1, "backbone", &v6, &[])?;
+    anyhow::ensure!(code == 0, "propose 6: exit {code} {err}");
+    wait_for(120, "backbone 6 active", || (active(&m1, "backbone") == Some(6)).then_some(()))?;
     let b6 = expected_hash(&m1, tmp, "backbone", 6, "json")?;
-    wait_files(&routers, &[0, 1, 3, 4], "backbone", "json", &b6, 30)?;
+    wait_files(&routers, &[0, 1, 3, 4], "backbone", "json", &b6, 60)?;
     wait_for(30, "router 2's hook failure reported", || {
         let v = m1.run(&["topology", "status", "backbone", "--json"]).ok()?.json().ok()?;
         v["routers"]
@@ -364,50 +436,53 @@ fn scenario(root: &Path) -> Result<()> {
     // 7. Canary: router 0 (tag canary) takes version 7 first; its hook fails, so the leader
     //    rolls it back: 7 is rejected and every router holds version 6's bytes (router 2,
     //    whose last hook failed, still holds 1's).
-    m1.ok(&["topology", "canary", "backbone", "--subject", "tag:canary", "--fail-pct-max", "0"])?;
+    quorum_ok(
+        &m1,
+        &["topology", "canary", "backbone", "--subject", "tag:canary", "--fail-pct-max", "0"],
+    )?;
     std::fs::write(routers[0].fail_marker(), b"")?;
     let v7 = backbone_variant(tmp, 17)?;
-    let r = propose(&m1, "backbone", &v7, &[])?;
-    anyhow::ensure!(r.code == 0, "propose 7: exit {} {}", r.code, r.stderr);
-    wait_for(60, "version 7 rolled back", || {
+    let (code, _, err) = propose(&m1, "backbone", &v7, &[])?;
+    anyhow::ensure!(code == 0, "propose 7: exit {code} {err}");
+    wait_for(120, "version 7 rolled back", || {
         (version_state(&m1, "backbone", 7).as_deref() == Some("rejected")).then_some(())
     })?;
     anyhow::ensure!(active(&m1, "backbone") == Some(6), "6 stays active");
-    wait_files(&routers, &[0, 1, 3, 4], "backbone", "json", &b6, 30)?;
+    wait_files(&routers, &[0, 1, 3, 4], "backbone", "json", &b6, 60)?;
     std::fs::remove_file(routers[0].fail_marker())?;
     // A canary whose hook succeeds is promoted everywhere.
     let v8 = backbone_variant(tmp, 18)?;
-    let r = propose(&m1, "backbone", &v8, &[])?;
-    anyhow::ensure!(r.code == 0, "propose 8: exit {} {}", r.code, r.stderr);
-    wait_for(60, "backbone 8 active", || (active(&m1, "backbone") == Some(8)).then_some(()))?;
+    let (code, _, err) = propose(&m1, "backbone", &v8, &[])?;
+    anyhow::ensure!(code == 0, "propose 8: exit {code} {err}");
+    wait_for(120, "backbone 8 active", || (active(&m1, "backbone") == Some(8)).then_some(()))?;
     let b8 = expected_hash(&m1, tmp, "backbone", 8, "json")?;
-    wait_files(&routers, &all, "backbone", "json", &b8, 30)?;
-    m1.ok(&["topology", "canary", "backbone"])?;
+    wait_files(&routers, &all, "backbone", "json", &b8, 60)?;
+    quorum_ok(&m1, &["topology", "canary", "backbone"])?;
 
     // 8. A router stopped during an activation: the others take version 9 (it does not
     //    count against the share while it is away); once it is back it is on version 9
     //    within seconds.
     routers[4].running.take().context("router 4 running")?.stop()?;
     let v9 = backbone_variant(tmp, 19)?;
-    let r = propose(&m1, "backbone", &v9, &[])?;
-    anyhow::ensure!(r.code == 0, "propose 9: exit {} {}", r.code, r.stderr);
-    wait_for(60, "backbone 9 active", || (active(&m1, "backbone") == Some(9)).then_some(()))?;
+    let (code, _, err) = propose(&m1, "backbone", &v9, &[])?;
+    anyhow::ensure!(code == 0, "propose 9: exit {code} {err}");
+    wait_for(120, "backbone 9 active", || (active(&m1, "backbone") == Some(9)).then_some(()))?;
     let b9 = expected_hash(&m1, tmp, "backbone", 9, "json")?;
-    wait_files(&routers, &[0, 1, 2, 3], "backbone", "json", &b9, 30)?;
+    wait_files(&routers, &[0, 1, 2, 3], "backbone", "json", &b9, 60)?;
     anyhow::ensure!(
         routers[4].hash("backbone", "json").as_deref() == Some(b8.as_str()),
         "router 4 was away"
     );
     let back = std::time::Instant::now();
     routers[4].running = Some(routers[4].node.start(&[])?);
-    wait_files(&routers, &[4], "backbone", "json", &b9, 30)?;
+    wait_files(&routers, &[4], "backbone", "json", &b9, 60)?;
     eprintln!(
         "router 4 on the active version {:.1} s after its restart",
         back.elapsed().as_secs_f64()
     );
 
     // 9. The activation share is a policy: set, and refused when malformed.
-    m1.ok(&["topology", "policy", "backbone", "--share", "80%"])?;
+    quorum_ok(&m1, &["topology", "policy", "backbone", "--share", "80%"])?;
     let r = m1.run(&["topology", "policy", "--share", "1.5"])?;
     anyhow::ensure!(r.code == 4, "bad share: exit {}", r.code);
     drop(managers);

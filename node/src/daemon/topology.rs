@@ -107,13 +107,16 @@ pub(super) struct Wiring {
     results: BTreeMap<String, TopologyReport>,
     drift: BTreeMap<String, String>,
     retry_at: BTreeMap<String, Instant>,
+    /// When each version this router needs was last asked for (fetches are restarted at most
+    /// every [`RETRY_AFTER`]).
+    fetched_at: BTreeMap<Cid, Instant>,
     /// Managers: the routers' reports, by sender.
     reports: BTreeMap<PeerId, (Instant, Vec<TopologyReport>)>,
     next_tick: Instant,
     next_report: Instant,
     next_drift: Instant,
     next_tags: Instant,
-    /// Fetch failures already logged, by root (to log each once).
+    /// Run-time watches were loaded.
     loaded: bool,
 }
 
@@ -132,6 +135,7 @@ impl Wiring {
             results: BTreeMap::new(),
             drift: BTreeMap::new(),
             retry_at: BTreeMap::new(),
+            fetched_at: BTreeMap::new(),
             reports: BTreeMap::new(),
             next_tick: now,
             next_report: now,
@@ -449,13 +453,19 @@ impl Daemon {
                 wanted.insert(c);
             }
         }
+        let now = Instant::now();
+        self.topo.fetched_at.retain(|c, _| wanted.contains(c));
         for root in wanted {
-            if !self.jobs.contains_key(&root) && !matches!(self.store.root(&root), Ok(Some(_))) {
+            let recent = self.topo.fetched_at.get(&root).is_some_and(|t| now < *t + RETRY_AFTER);
+            if !self.jobs.contains_key(&root)
+                && !recent
+                && !matches!(self.store.root(&root), Ok(Some(_)))
+            {
                 tracing::info!(%root, "topology: fetching a version");
+                self.topo.fetched_at.insert(root, now);
                 self.start_fetch(root, None);
             }
         }
-        let now = Instant::now();
         for target in targets {
             let name = target.name.clone();
             let Some(watch) = self.topo.watches.get(&name).cloned() else { continue };
@@ -525,6 +535,7 @@ impl Daemon {
         self.topo
             .results
             .values()
+            .filter(|r| self.topo.watches.contains_key(&r.name))
             .map(|r| {
                 let mut r = r.clone();
                 if let Some(d) = self.topo.drift.get(&r.name) {

@@ -240,7 +240,7 @@ fn scenario(root: &Path) -> Result<()> {
         let r = n.start(&[])?;
         managers.push((n, r));
     }
-    wait_for(90, "three voters", || (voters(&m1) == 3).then_some(()))?;
+    wait_for(240, "three voters", || (voters(&m1) == 3).then_some(()))?;
     // Five routers watching three names from their config files; router 0 is the canary.
     // Each hook fails while the router's marker file exists.
     let rtok = token(&m1, &["--role", "router", "--uses", "5", "--zone", "b"])?;
@@ -265,7 +265,7 @@ fn scenario(root: &Path) -> Result<()> {
         let running = Some(node.start(&[])?);
         routers.push(Router { node, peer, running });
     }
-    wait_for(120, "five routers subscribed to three names", || {
+    wait_for(300, "five routers subscribed to three names", || {
         ["backbone", "lab", "policy"].iter().all(|n| subscribed(&m1, n) == 5).then_some(())
     })?;
     let all: Vec<usize> = (0..5).collect();
@@ -485,6 +485,22 @@ fn scenario(root: &Path) -> Result<()> {
     quorum_ok(&m1, &["topology", "policy", "backbone", "--share", "80%"])?;
     let r = m1.run(&["topology", "policy", "--share", "1.5"])?;
     anyhow::ensure!(r.code == 4, "bad share: exit {}", r.code);
+
+    // 10. `topology watch --detach` on a manager subscribes it and writes the active lab
+    //    version as JSON; `unwatch` ends the subscription.
+    let m3 = &managers[1].0;
+    let out = m3.dir.join("lab.json");
+    quorum_ok(
+        m3,
+        &["topology", "watch", "lab", "--out", out.to_str().context("utf-8")?, "--detach"],
+    )?;
+    let lab_json = expected_hash(&m1, tmp, "lab", 1, "json")?;
+    wait_for(60, "the watched lab file on m3", || {
+        (file_hash(&out).ok().as_deref() == Some(lab_json.as_str())).then_some(())
+    })?;
+    wait_for(60, "m3 subscribed", || (subscribed(&m1, "lab") == 6).then_some(()))?;
+    quorum_ok(m3, &["topology", "unwatch", "lab"])?;
+    wait_for(60, "m3 unsubscribed", || (subscribed(&m1, "lab") == 5).then_some(()))?;
     drop(managers);
     Ok(())
 }

@@ -178,8 +178,23 @@ fn propose(
         if r.code == 0 {
             return Ok((0, r.json()?["version"].as_u64(), r.stderr));
         }
-        if timed_out && r.code == 4 && r.stderr.contains("already has this root") {
-            return Ok((0, history(node, name).and_then(|h| h["latest"].as_u64()), r.stderr));
+        if timed_out {
+            // The timed-out attempt may have been staged after all: then the retry is
+            // refused (stale base, or the same root as the latest), and history shows it.
+            let root = node.add(file, &["--kind", "topology"])?["root"]
+                .as_str()
+                .context("root")?
+                .to_string();
+            let staged = history(node, name).and_then(|h| {
+                h["versions"]
+                    .as_array()?
+                    .iter()
+                    .find(|v| v["cid"] == root.as_str())
+                    .and_then(|v| v["version"].as_u64())
+            });
+            if staged.is_some() {
+                return Ok((0, staged, r.stderr));
+            }
         }
         return Ok((r.code, None, r.stderr));
     }

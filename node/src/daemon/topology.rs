@@ -44,6 +44,8 @@ const REPORT_LIVE: Duration = Duration::from_secs(3);
 const DRIFT_PERIOD: Duration = Duration::from_secs(5);
 /// An apply that failed for an environmental reason is retried after this.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// How often the holders of a version being fetched are dialed.
+const DIAL_PERIOD: Duration = Duration::from_secs(2);
 /// The leader repeats an uncommitted decision after this.
 const REPROPOSE_MS: u64 = 3_000;
 /// File of the watches added at run time, in `DATA_DIR/topology/`.
@@ -110,6 +112,8 @@ pub(super) struct Wiring {
     /// When each version this router needs was last asked for (fetches are restarted at most
     /// every [`RETRY_AFTER`]).
     fetched_at: BTreeMap<Cid, Instant>,
+    /// When the holders of each version being fetched were last dialed.
+    dialed_at: BTreeMap<Cid, Instant>,
     /// Managers: the routers' reports, by sender.
     reports: BTreeMap<PeerId, (Instant, Vec<TopologyReport>)>,
     next_tick: Instant,
@@ -136,6 +140,7 @@ impl Wiring {
             drift: BTreeMap::new(),
             retry_at: BTreeMap::new(),
             fetched_at: BTreeMap::new(),
+            dialed_at: BTreeMap::new(),
             reports: BTreeMap::new(),
             next_tick: now,
             next_report: now,
@@ -456,16 +461,21 @@ impl Daemon {
         let now = Instant::now();
         self.topo.fetched_at.retain(|c, _| wanted.contains(c));
         for root in wanted {
+            if matches!(self.store.root(&root), Ok(Some(_))) {
+                continue;
+            }
             let recent = self.topo.fetched_at.get(&root).is_some_and(|t| now < *t + RETRY_AFTER);
-            if !self.jobs.contains_key(&root)
-                && !recent
-                && !matches!(self.store.root(&root), Ok(Some(_)))
-            {
+            if !self.jobs.contains_key(&root) && !recent {
                 tracing::info!(%root, "topology: fetching a version");
                 self.topo.fetched_at.insert(root, now);
                 self.start_fetch(root, None);
             }
+            if self.topo.dialed_at.get(&root).is_none_or(|t| now >= *t + DIAL_PERIOD) {
+                self.topo.dialed_at.insert(root, now);
+                self.topology_dial_holders(&root);
+            }
         }
+        self.topo.dialed_at.retain(|c, _| self.jobs.contains_key(c));
         for target in targets {
             let name = target.name.clone();
             let Some(watch) = self.topo.watches.get(&name).cloned() else { continue };
@@ -528,6 +538,34 @@ impl Daemon {
                 out.push(Done::Drift { name: String::new(), drift: String::new() });
                 done.lock().expect("topology done lock").extend(out);
             });
+        }
+    }
+
+    /// Dials the members gossip says hold `root` (in full or in part) and that this node is
+    /// not connected to, at their committed addresses: routers are usually connected to the
+    /// managers only, and a dial by PeerId alone finds no address for another router.
+    fn topology_dial_holders(&mut self, root: &Cid) {
+        let holders: Vec<PeerId> = self
+            .directory
+            .holders(root)
+            .iter()
+            .filter_map(|h| net::libp2p_peer(&h.peer))
+            .filter(|p| *p != self.me && !self.connected.contains_key(p))
+            .collect();
+        for p in holders {
+            let addrs: Vec<libp2p::Multiaddr> = self
+                .cluster_state()
+                .members
+                .get(&p.to_bytes())
+                .map(|m| m.addrs.iter().filter_map(|a| a.parse().ok()).collect())
+                .unwrap_or_default();
+            if addrs.is_empty() {
+                continue;
+            }
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(p).addresses(addrs).build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(peer = %p, "topology: dialing a holder: {e}");
+            }
         }
     }
 
@@ -737,6 +775,9 @@ impl Daemon {
         let watch = config.watch().map_err(|e| e.to_string())?;
         if self.topo.configured.contains_key(&config.name) {
             return Err(format!("{} is already watched in config.toml", config.name));
+        }
+        if !watch.path.is_absolute() {
+            return Err(format!("{}: the output path must be absolute", watch.path.display()));
         }
         if let Some(parent) = watch.path.parent()
             && !parent.as_os_str().is_empty()

@@ -172,14 +172,22 @@ async fn propose(
         Ok(i) => i,
         Err(r) => return r,
     };
-    // The version this entry staged.
-    let version = view_of(&state, Some(b.name.clone())).await.and_then(|v| {
-        v["versions"]
-            .as_array()?
-            .iter()
-            .find(|x| x["staged_index"].as_u64() == Some(index))
-            .and_then(|x| x["version"].as_u64())
-    });
+    // The version this entry staged, once this node has applied it (a member follows the
+    // committed state a moment behind the leader).
+    let mut version = None;
+    for _ in 0..50 {
+        version = view_of(&state, Some(b.name.clone())).await.and_then(|v| {
+            v["versions"]
+                .as_array()?
+                .iter()
+                .find(|x| x["staged_index"].as_u64() == Some(index))
+                .and_then(|x| x["version"].as_u64())
+        });
+        if version.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     axum::Json(serde_json::json!({
         "applied": true, "index": index, "name": b.name, "version": version, "base": base,
         "cid": root.to_string(), "source_cid": source.to_string(),

@@ -603,3 +603,33 @@ fn watch(
     let _ = api_json(ctx, "POST", "/v1/topology/unwatch", Some(json!({"name": name})));
     printed
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejections_map_to_their_exit_codes() {
+        // A quorum rejection becomes the code of its marker; transport failures and other
+        // codes are left alone.
+        let f = |code: u8, m: &str| refused(Failure::new(code, m)).code;
+        assert_eq!(f(EXIT_FAILURE, "rejected: stale base: lab is at version 2, not 1"), 10);
+        assert_eq!(f(EXIT_FAILURE, "rejected: unauthorised: x lacks publish"), 11);
+        assert_eq!(f(EXIT_FAILURE, "rejected: schema invalid: at /a: bad"), 12);
+        assert_eq!(f(EXIT_FAILURE, "rejected: bad signature: no"), 13);
+        assert_eq!(f(EXIT_FAILURE, "rejected: unsigned: no"), 13);
+        assert_eq!(f(EXIT_FAILURE, "invalid: bad CID"), 4);
+        assert_eq!(f(EXIT_FAILURE, "no quorum answered within 30 s"), EXIT_FAILURE);
+        assert_eq!(f(EXIT_NO_DAEMON, "rejected: stale base: x"), EXIT_NO_DAEMON);
+        let r = refused(Failure::new(EXIT_FAILURE, "rejected: stale base: lab is at 2"));
+        assert_eq!(r.message, "stale base: lab is at 2", "the marker leads the message");
+    }
+
+    #[test]
+    fn times_print_as_rfc3339() {
+        // The epoch, a leap day and a time of day.
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_314_645_123), "2026-11-22T02:30:45Z");
+    }
+}

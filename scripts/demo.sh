@@ -75,11 +75,11 @@ say "verify every block"
 "$M" ls
 
 # ---------------------------------------------------------------------------------------
-say "a local mesh: 3 managers and 2 edges on loopback, admitted with join tokens"
+say "a local mesh: 3 managers and 3 edges on loopback, admitted with join tokens"
 start() { # name [init args...]
     local n=$1; shift
     MYCEL_DATA_DIR="$WORK/$n" "$M" init --listen /ip4/127.0.0.1/udp/0/quic-v1 "$@" >/dev/null
-    sed -i 's/^tick_ms = 100/tick_ms = 50/; s/^announce_period_ms = 5000/announce_period_ms = 1000/' "$WORK/$n/config.toml"
+    sed -i 's/^tick_ms = 100/tick_ms = 50/; s/^announce_period_ms = 5000/announce_period_ms = 1000/; s/^node_lost_ms = 15000/node_lost_ms = 3000/' "$WORK/$n/config.toml"
     MYCEL_DATA_DIR="$WORK/$n" "$M" run > "$WORK/$n.log" 2>&1 &
     PIDS+=($!)
     eval "PID_$n=$!"
@@ -94,9 +94,11 @@ start m2 --join "$MTOK"; start m3 --join "$MTOK"
 voters() { on m1 cluster members --json | python3 -c 'import json,sys; v=json.load(sys.stdin); print(sum(m["raft"] in ("leader","voter") for m in v["members"]), len(v["members"]))'; }
 for _ in $(seq 100); do [ "$(voters)" = "3 3" ] && break; sleep 0.2; done
 # A token made now names all three managers.
-ETOK=$(on m1 cluster token create --role edge --uses 2)
+ETOK=$(on m1 cluster token create --role edge --uses 2 --zone eu)
 start e1 --join "$ETOK" --zone eu; start e2 --join "$ETOK" --zone eu
-for _ in $(seq 100); do [ "$(voters)" = "3 5" ] && break; sleep 0.2; done
+UTOK=$(on m1 cluster token create --role edge --uses 1 --zone us)
+start e3 --join "$UTOK" --zone us
+for _ in $(seq 100); do [ "$(voters)" = "3 6" ] && break; sleep 0.2; done
 on m1 cluster members
 
 say "publish 64 MiB on two nodes; a third fetches it from the holders it finds, verified chunk by chunk"
@@ -106,9 +108,27 @@ on m2 add --json "$WORK/model.bin" >/dev/null
 on e2 get --json "$ROOT" "$WORK/model-e2.bin" | python3 -c 'import json,sys; r=json.load(sys.stdin); [print(f"  {b:>10} bytes from {p}") for p,b in r["by_peer"].items()]'
 cmp "$WORK/model.bin" "$WORK/model-e2.bin" && echo "  identical"
 
-say "pin it (replicas 2..3) through the quorum"
-echo "[{\"root\": \"$ROOT\", \"replicas_min\": 2, \"replicas_max\": 3}]" > "$WORK/pins.json"
-curl -s --unix-socket "$WORK/m1/mycel.sock" -H 'content-type: application/json' --data-binary @"$WORK/pins.json" http://mycel/v1/pins:batch; echo
+say "pin it with 2 replicas: the fleet places them on edges, one per zone"
+on m1 pin add "$ROOT" --replicas 2 --name model
+replicas() { on m1 pin status "$1" --json | python3 -c 'import json,sys; v=json.load(sys.stdin); print(" ".join(sorted(n["peer_id"][-6:] for n in v["nodes"] if n["state"]=="held" and n["alive"] and n["role"]=="edge")))'; }
+for _ in $(seq 300); do [ "$(replicas "$ROOT" | wc -w)" = 2 ] && break; sleep 0.2; done
+on m1 pin status "$ROOT"
+
+say "kill -9 an edge holding a replica: after node_lost_ms (3 s here) another edge copies it"
+BEFORE=$(replicas "$ROOT")
+for n in e1 e2 e3; do
+    case " $BEFORE " in *" $(on $n id --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["peer_id"][-6:])') "*) VICTIM=$n; break ;; esac
+done
+eval "kill -9 \$PID_$VICTIM"; echo "  killed $VICTIM (replicas were on: $BEFORE)"
+for _ in $(seq 600); do R=$(replicas "$ROOT"); [ "$(echo "$R" | wc -w)" = 2 ] && [ "$R" != "$BEFORE" ] && break; sleep 0.2; done
+echo "  replicas now on: $(replicas "$ROOT")"
+
+say "pre-position a second object to every live edge in zone eu, due in 10 minutes"
+head -c $((8 << 20)) /dev/urandom > "$WORK/maps.bin"
+MAPS=$(on m1 add --json "$WORK/maps.bin" | root)
+on m1 pin add "$MAPS" --preposition eu --by +10m --name maps
+for _ in $(seq 300); do [ "$(on m1 pin status "$MAPS" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["deadline"])')" = met ] && break; sleep 0.2; done
+on m1 pin ls
 
 say "kill -9 the Raft leader: the others elect a new one and keep committing"
 LEADER=$(on m1 cluster members --json | python3 -c 'import json,sys; v=json.load(sys.stdin); print([m["peer_id"] for m in v["members"] if m["raft"]=="leader"][0])')

@@ -603,6 +603,34 @@ impl<B: LogBackend> Core<B> {
         self.process()
     }
 
+    /// The entries applied after `since`, as `(index, data)` in order (configuration changes
+    /// with empty data), so a member can follow the configuration by deltas and reach exactly
+    /// this state with [`ClusterState::apply`]. At most about `max_bytes` (at least one
+    /// entry); `None` when the log no longer holds `since + 1` (compacted): send the state.
+    pub fn applied_entries_since(&self, since: u64, max_bytes: u64) -> Option<Vec<(u64, Vec<u8>)>> {
+        let applied = self.state.applied_index;
+        if since >= applied {
+            return Some(Vec::new());
+        }
+        let store = self.raw.store();
+        let first = store.first_index().ok()?;
+        if since + 1 < first {
+            return None;
+        }
+        let entries = store
+            .entries(since + 1, applied + 1, max_bytes, raft::GetEntriesContext::empty(false))
+            .ok()?;
+        Some(
+            entries
+                .into_iter()
+                .map(|e| match e.get_entry_type() {
+                    EntryType::EntryNormal => (e.index, e.data.to_vec()),
+                    _ => (e.index, Vec::new()),
+                })
+                .collect(),
+        )
+    }
+
     /// The next output.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.outputs.pop_front()

@@ -11,6 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use bincode::{Decode, Encode};
 use mycel_chunker::codec;
 
+use mycel_policy::access::{self, DEFAULT_NAMESPACE, Permission, Subject};
+
 use crate::command::{Command, Grant, Member, Pin, Proposal, Role};
 use crate::topology::{self, Topology};
 
@@ -174,10 +176,59 @@ impl ClusterState {
         id
     }
 
+    /// Whether the proposer `from` holds `needed` on `namespace` (managers hold everything).
+    fn authorise(&self, from: &[u8], namespace: &str, needed: Permission) -> Result<(), String> {
+        let Some(m) = self.members.get(from) else {
+            return Err("unauthorised: the proposer is not a member".into());
+        };
+        let who = Subject::new(&m.peer, m.role.as_str(), &m.zone, &m.tags);
+        let grants = self
+            .grants
+            .iter()
+            .map(|g| (g.subject.as_str(), g.permission.as_str(), g.namespace.as_str()));
+        if access::allowed(grants, &who, namespace, needed) {
+            Ok(())
+        } else {
+            Err(format!(
+                "unauthorised: {} lacks {} on namespace {namespace:?}",
+                who.peer,
+                needed.as_str()
+            ))
+        }
+    }
+
+    /// Who may propose what: pins need `publish` on their namespace, grants `admin` on
+    /// theirs, tokens and policies are the managers'. (Membership changes are checked where
+    /// they are proposed: the cluster protocol accepts proposals only from members, signed
+    /// for the sending node.)
+    fn check_proposer(&self, from: &[u8], c: &Command) -> Result<(), String> {
+        match c {
+            Command::CreateToken { .. }
+            | Command::RevokeToken { .. }
+            | Command::SetPolicy { .. } => {
+                if self.members.get(from).is_some_and(|m| m.role == Role::Manager) {
+                    Ok(())
+                } else {
+                    Err("unauthorised: only managers may propose this".into())
+                }
+            }
+            Command::AddPin(p) => self.authorise(from, &p.namespace, Permission::Publish),
+            Command::RemovePin { root } => {
+                let ns = self.pins.get(root).map_or(DEFAULT_NAMESPACE, |p| p.namespace.as_str());
+                self.authorise(from, ns, Permission::Publish)
+            }
+            Command::AddGrant(g) | Command::RemoveGrant(g) => {
+                self.authorise(from, &g.namespace, Permission::Admin)
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn apply_command(&mut self, from: &[u8], c: &Command, j: &mut Vec<Undo>) -> Result<(), String> {
         if let Some(name) = topology::command_name(c) {
             return self.apply_topology(name, from, c, j);
         }
+        self.check_proposer(from, c)?;
         match c {
             Command::InitCluster { cluster_id } => {
                 if self.cluster_id.is_some() {
@@ -261,9 +312,10 @@ impl ClusterState {
                 self.set_member(m, j);
             }
             Command::AddPin(p) => {
-                if p.replicas_min > p.replicas_max || p.replicas_max == 0 {
+                if p.replicas_min > p.replicas_max || p.replicas_min == 0 {
                     return Err("replicas must satisfy 1 <= min <= max".into());
                 }
+                access::validate_namespace(&p.namespace)?;
                 let old = self.pins.insert(p.root.clone(), p.clone());
                 j.push(Undo::Pin(p.root.clone(), old));
             }
@@ -272,6 +324,7 @@ impl ClusterState {
                 j.push(Undo::Pin(root.clone(), Some(old)));
             }
             Command::AddGrant(g) => {
+                access::validate_grant(&g.subject, &g.permission, &g.namespace)?;
                 j.push(Undo::Grants(self.grants.clone()));
                 if !self.grants.contains(g) {
                     self.grants.push(g.clone());
@@ -434,17 +487,62 @@ mod tests {
     }
 
     #[test]
+    fn pins_need_publish_and_grants_need_admin() {
+        // An edge without grants cannot pin into a namespace or grant itself access; once a
+        // manager grants it `publish`, the same pin is accepted (positive control), and an
+        // edge may pin into `default` only with a grant too.
+        let mut s = ClusterState::default();
+        s.apply(1, &entry(1, 1, vec![Command::AddMember(member(1, Role::Manager))]));
+        s.apply(2, &entry(1, 2, vec![Command::AddMember(member(2, Role::Edge))]));
+        let pin = Command::AddPin(Pin {
+            root: vec![9; 36],
+            name: String::new(),
+            namespace: "maps".into(),
+            replicas_min: 1,
+            replicas_max: 2,
+            zones: vec![],
+            tags: vec![],
+            preposition: vec![],
+            deadline_ms: 0,
+        });
+        let grant = |subject: &str, permission: &str| Grant {
+            subject: subject.into(),
+            permission: permission.into(),
+            namespace: "maps".into(),
+        };
+        let r = s.apply(3, &entry(2, 1, vec![pin.clone()])).unwrap().2;
+        assert!(matches!(r, Outcome::Rejected(ref w) if w.starts_with("unauthorised")), "{r:?}");
+        let r = s.apply(4, &entry(2, 2, vec![Command::AddGrant(grant("zone:z", "admin"))]));
+        assert!(matches!(r.unwrap().2, Outcome::Rejected(_)), "no self-service admin");
+        let r = s.apply(5, &entry(1, 3, vec![Command::AddGrant(grant("zone:z", "publish"))]));
+        assert_eq!(r.unwrap().2, Outcome::Applied);
+        assert_eq!(s.apply(6, &entry(2, 3, vec![pin])).unwrap().2, Outcome::Applied);
+        let bad = Command::AddGrant(Grant { permission: "write".into(), ..grant("zone:z", "") });
+        assert!(matches!(s.apply(7, &entry(1, 4, vec![bad])).unwrap().2, Outcome::Rejected(_)));
+        let token = Command::CreateToken {
+            hash: [1; 32],
+            role: Role::Edge,
+            zone: "z".into(),
+            expires_ms: 10,
+            uses: 1,
+        };
+        assert!(matches!(s.apply(8, &entry(2, 4, vec![token])).unwrap().2, Outcome::Rejected(_)));
+        s.check_invariants();
+    }
+
+    #[test]
     fn tokens_admit_until_spent_or_expired() {
         // A two-use token admits two nodes, then is gone; an expired one admits nobody;
         // activating a topology version that was never staged is rejected.
         let mut s = ClusterState::default();
+        s.apply(1, &entry(1, 1, vec![Command::AddMember(member(1, Role::Manager))]));
         let secret = [7u8; 32];
         let hash = *blake3::hash(&secret).as_bytes();
         s.apply(
-            1,
+            2,
             &entry(
                 1,
-                1,
+                2,
                 vec![Command::CreateToken {
                     hash,
                     role: Role::Edge,
@@ -462,20 +560,20 @@ mod tests {
             capacity_bytes: 0,
             now_ms,
         };
-        assert_eq!(s.apply(2, &entry(2, 1, vec![join(2, 10)])).unwrap().2, Outcome::Applied);
+        assert_eq!(s.apply(3, &entry(2, 1, vec![join(2, 10)])).unwrap().2, Outcome::Applied);
         assert_eq!(s.members[&vec![2; 38]].zone, "eu");
         assert!(matches!(
-            s.apply(3, &entry(3, 1, vec![join(3, 2000)])).unwrap().2,
+            s.apply(4, &entry(3, 1, vec![join(3, 2000)])).unwrap().2,
             Outcome::Rejected(_)
         ));
-        assert_eq!(s.apply(4, &entry(3, 2, vec![join(3, 20)])).unwrap().2, Outcome::Applied);
+        assert_eq!(s.apply(5, &entry(3, 2, vec![join(3, 20)])).unwrap().2, Outcome::Applied);
         assert!(s.tokens.is_empty());
         assert!(matches!(
-            s.apply(5, &entry(4, 1, vec![join(4, 30)])).unwrap().2,
+            s.apply(6, &entry(4, 1, vec![join(4, 30)])).unwrap().2,
             Outcome::Rejected(_)
         ));
         let topo = Command::ActivateTopology { name: "x".into(), version: 1, canary: false };
-        assert!(matches!(s.apply(6, &entry(1, 2, vec![topo])).unwrap().2, Outcome::Rejected(_)));
+        assert!(matches!(s.apply(7, &entry(1, 3, vec![topo])).unwrap().2, Outcome::Rejected(_)));
         s.check_invariants();
     }
 }

@@ -224,6 +224,8 @@ struct Daemon {
     zones: BTreeSet<String>,
     /// Free store bytes, refreshed with the budget.
     free_bytes: u64,
+    /// When the followed state was last saved (deltas are saved at most every 5 s).
+    followed_saved: Instant,
     /// Topology files: router applies, reports, the leader's decisions.
     topo: topology::Wiring,
 }
@@ -247,8 +249,8 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut registry);
     let policy = Arc::new(RwLock::new(net::gate::Policy::default()));
-    let mut swarm =
-        net::build_swarm(keypair, &mut registry, policy.clone()).map_err(|e| setup(&e))?;
+    let mut swarm = net::build_swarm(keypair, &mut registry, policy.clone(), config.node.mdns)
+        .map_err(|e| setup(&e))?;
     let p2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
     let members = Arc::new(RwLock::new(parse_members(&config, me).map_err(|e| setup(&e))?));
     policy.write().expect("gate lock").allowed = members.read().expect("members lock").clone();
@@ -355,6 +357,7 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
         evicting: Arc::default(),
         zones: BTreeSet::new(),
         free_bytes: 0,
+        followed_saved: Instant::now(),
         topo: topology::Wiring::new(&config_watches),
     };
     d.start_cluster().map_err(|e| setup(&e))?;
@@ -463,6 +466,16 @@ impl Daemon {
         use libp2p::metrics::Recorder;
         self.p2p_metrics.record(&ev);
         match &ev {
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(libp2p::mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found.iter().cloned() {
+                    if peer != self.me && !self.connected.contains_key(&peer) {
+                        tracing::debug!(%peer, %addr, "mDNS: discovered");
+                        self.swarm.add_peer_address(peer, addr.clone());
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(_)) => {}
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.p2p_metrics.record(e),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => self.p2p_metrics.record(e),
             SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => self.p2p_metrics.record(e),
@@ -880,7 +893,19 @@ impl Daemon {
 
     /// Runs the replication plan and carries out this node's part of it.
     fn replicate(&mut self) {
-        if !self.in_cluster() || self.cluster_state().pins.is_empty() {
+        let pins_now = self.cluster_state().pins.len();
+        if !self.in_cluster() || pins_now == 0 {
+            self.plan = mycel_policy::plan::Plan::default();
+            return;
+        }
+        if pins_now > REPLICATION_PINS_MAX {
+            // Planning is O(pins x members) on the event loop: past this size it would stall
+            // the node (and a manager's Raft). Pins stay committed; placement waits.
+            // (Planned at most every 1 + pins/10,000 intervals, so this warns rarely.)
+            tracing::warn!(
+                pins = pins_now,
+                "replication planning skipped above {REPLICATION_PINS_MAX} pins"
+            );
             self.plan = mycel_policy::plan::Plan::default();
             return;
         }
@@ -1423,6 +1448,12 @@ impl Daemon {
     }
 }
 
+/// Most pins the replication worker plans for (see [`Daemon::replicate`]).
+const REPLICATION_PINS_MAX: usize = 100_000;
+
+/// Most bytes of log entries in one follow answer (the follower asks again for the rest).
+const FOLLOW_DELTA_BYTES: u64 = 8 << 20;
+
 /// Objects younger than this are never evicted.
 const EVICT_MIN_AGE_MS: u64 = 10_000;
 
@@ -1896,13 +1927,42 @@ impl Daemon {
                     tracing::debug!(%peer, "follow request from a non-member ignored");
                     return;
                 }
+                // Deltas from the log when it still holds them; the whole state otherwise.
+                let deltas = self
+                    .core
+                    .as_ref()
+                    .filter(|_| since > 0)
+                    .and_then(|c| c.applied_entries_since(since, FOLLOW_DELTA_BYTES))
+                    .filter(|e| !e.is_empty());
                 let state = self.cluster_state();
-                let frame = if state.applied_index > since && state.cluster_id.is_some() {
+                let frame = if let Some(entries) = deltas {
+                    ClusterFrame::Entries { entries }
+                } else if state.applied_index > since && state.cluster_id.is_some() {
                     ClusterFrame::State { applied: state.applied_index, state: state.encode() }
                 } else {
                     ClusterFrame::State { applied: state.applied_index, state: Vec::new() }
                 };
                 let _ = reply.try_send(frame);
+            }
+            ClusterFrame::Entries { entries } => {
+                let next = self.followed.applied_index + 1;
+                if self.core.is_some() || entries.first().is_none_or(|e| e.0 != next) {
+                    return;
+                }
+                if entries.windows(2).any(|w| w[1].0 != w[0].0 + 1) {
+                    tracing::warn!(%peer, "follow entries out of order: ignored");
+                    return;
+                }
+                for (index, data) in &entries {
+                    self.followed.apply(*index, data);
+                }
+                if self.followed_saved.elapsed() >= Duration::from_secs(5)
+                    && let Some(meta) = &self.raft_meta
+                {
+                    self.followed_saved = Instant::now();
+                    let _ = meta.set_meta("followed_state", &self.followed.encode());
+                }
+                self.on_state_changed();
             }
             ClusterFrame::TopologyReport { reports } => {
                 self.on_topology_report(peer, member, reports);

@@ -122,6 +122,8 @@ pub struct NodeSection {
     pub replication_interval_ms: u64,
     /// A node not heard from this long is lost: its replicas are replaced.
     pub node_lost_ms: u64,
+    /// Discover peers on the local network with mDNS (the gate still admits only members).
+    pub mdns: bool,
 }
 
 impl Default for NodeSection {
@@ -139,6 +141,7 @@ impl Default for NodeSection {
             low_watermark_pct: 80,
             replication_interval_ms: 1_000,
             node_lost_ms: 15_000,
+            mdns: false,
         }
     }
 }
@@ -260,6 +263,8 @@ low_watermark_pct = 80
 # (its replicas are made again elsewhere).
 replication_interval_ms = 1000
 node_lost_ms = 15000
+# Discover peers on the local network with mDNS (members only are admitted).
+mdns = false
 
 [cluster]
 # PeerIds allowed to connect and fetch, beside the members the quorum commits.

@@ -66,14 +66,15 @@ impl Checker {
         }
     }
 
-    /// A Raft message left node `from_raft`: a granted vote is recorded.
-    pub fn on_raft_send(&mut self, at_ms: u64, msg: &[u8]) {
+    /// A Raft message was sent: a granted vote is recorded. Returns whether it grants a
+    /// vote.
+    pub fn on_raft_send(&mut self, at_ms: u64, msg: &[u8]) -> bool {
         let Ok(m) = Message::parse_from_bytes(msg) else {
             self.fail(at_ms, "safety:raft-encoding", "a core sent an unparsable message".into());
-            return;
+            return false;
         };
         if m.get_msg_type() != MessageType::MsgRequestVoteResponse || m.reject {
-            return;
+            return false;
         }
         let key = (m.from, m.term);
         match self.votes.get(&key) {
@@ -87,6 +88,7 @@ impl Checker {
                 self.votes.insert(key, m.to);
             }
         }
+        true
     }
 
     /// Node `node` applied `record` at `index`.

@@ -148,15 +148,15 @@ pub struct Pool(BTreeMap<Cid, Rc<[u8]>>);
 
 impl Pool {
     /// The shared copy of `bytes` if the pool holds identical bytes under `cid`; else a new
-    /// allocation (recorded when the bytes match the CID).
-    pub fn intern(&mut self, cid: Cid, bytes: &[u8]) -> Rc<[u8]> {
+    /// allocation (recorded when `valid`: the caller checked the bytes match the CID).
+    pub fn intern(&mut self, cid: Cid, bytes: &[u8], valid: bool) -> Rc<[u8]> {
         if let Some(b) = self.0.get(&cid)
             && **b == *bytes
         {
             return b.clone();
         }
         let b: Rc<[u8]> = Rc::from(bytes);
-        if cid.matches(bytes) {
+        if valid {
             self.0.insert(cid, b.clone());
         }
         b

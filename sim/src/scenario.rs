@@ -245,6 +245,9 @@ pub struct Scenario {
     pub name: String,
     /// Nodes in all (managers included, outsiders not).
     pub nodes: u32,
+    /// If above `nodes`, each seed draws its node count from `nodes..=nodes_max` (and 3 or
+    /// 5 managers when there are enough nodes).
+    pub nodes_max: u32,
     /// Managers (Raft voters at bootstrap): 1, 3 or 5.
     pub managers: u32,
     /// Edges tagged `manager-eligible` (replacements for lost managers).
@@ -270,6 +273,7 @@ impl Default for Scenario {
         Scenario {
             name: "default".into(),
             nodes: 10,
+            nodes_max: 0,
             managers: 3,
             eligible: 2,
             duration: Millis(120_000),
@@ -335,6 +339,9 @@ impl Scenario {
                 "nodes must be more than the managers and at most {NODES_MAX}, not {}",
                 self.nodes
             ));
+        }
+        if self.nodes_max > NODES_MAX {
+            return bad(format!("nodes_max must be at most {NODES_MAX}"));
         }
         if self.eligible > self.nodes - self.managers {
             return bad("more manager-eligible edges than edges".into());
@@ -442,6 +449,9 @@ pub struct Mix {
     pub fsync_failures_per_min: f64,
     /// Read errors: probability per served block.
     pub read_error: f64,
+    /// Probability that a voter crashes right after granting a vote (a chosen crash
+    /// point), restarting within 100 ms; half the time the vote never leaves.
+    pub vote_crash: f64,
     /// Hostile members.
     pub hostile: u32,
     /// Non-members trying to fetch.
@@ -465,6 +475,7 @@ impl Mix {
             pick(0.2),
         );
         let read_on = pick(0.3);
+        let vote_on = pick(0.3);
         Mix {
             loss: if loss_on { rng.gen_range(0.001..0.15) } else { 0.0 },
             dup: if dup_on { rng.gen_range(0.001..0.05) } else { 0.0 },
@@ -477,6 +488,7 @@ impl Mix {
             bitflips_per_min: if disk_on { rng.gen_range(0.5..5.0) } else { 0.0 },
             fsync_failures_per_min: if fsync_on { rng.gen_range(0.2..1.0) } else { 0.0 },
             read_error: if read_on { rng.gen_range(0.001..0.02) } else { 0.0 },
+            vote_crash: if vote_on { rng.gen_range(0.2..0.8) } else { 0.0 },
             hostile: rng.gen_range(0..=faults.hostile),
             outsiders: rng.gen_range(0..=faults.outsiders),
         }

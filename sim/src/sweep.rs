@@ -1,7 +1,7 @@
 //! Many seeds of one scenario, on a few threads; each seed is one independent run.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::report::Report;
 use crate::scenario::Scenario;
@@ -16,18 +16,36 @@ pub fn sweep(
     bugs: u32,
     progress: &(dyn Fn(&Report) + Sync),
 ) -> Vec<Report> {
+    sweep_until(scenario, seeds, jobs, bugs, &|r| {
+        progress(r);
+        false
+    })
+}
+
+/// [`sweep`] that stops starting seeds once `stop` returns true for a report (seeds already
+/// running finish).
+pub fn sweep_until(
+    scenario: &Scenario,
+    seeds: std::ops::Range<u64>,
+    jobs: usize,
+    bugs: u32,
+    stop: &(dyn Fn(&Report) -> bool + Sync),
+) -> Vec<Report> {
     let next = AtomicU64::new(seeds.start);
+    let stopped = AtomicBool::new(false);
     let out = Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..jobs.max(1) {
             s.spawn(|| {
                 loop {
                     let seed = next.fetch_add(1, Ordering::Relaxed);
-                    if seed >= seeds.end {
+                    if seed >= seeds.end || stopped.load(Ordering::Relaxed) {
                         return;
                     }
                     let r = run(Options { seed, scenario: scenario.clone(), trace: None, bugs });
-                    progress(&r);
+                    if stop(&r) {
+                        stopped.store(true, Ordering::Relaxed);
+                    }
                     out.lock().expect("sweep results").push(r);
                 }
             });

@@ -78,6 +78,12 @@ pub enum ClusterFrame {
         /// The encoded state.
         state: Vec<u8>,
     },
+    /// The entries applied after the follower's index, in order (configuration changes with
+    /// empty data): the follower applies them to reach the manager's state.
+    Entries {
+        /// `(index, proposal bytes)`.
+        entries: Vec<(u64, Vec<u8>)>,
+    },
     /// A router's topology results, one per watched name, sent to managers periodically
     /// (a lost frame is replaced by the next one).
     TopologyReport {

@@ -39,6 +39,9 @@ pub struct Behaviour {
     pub gossipsub: gossipsub::Behaviour,
     /// The exchange streams.
     pub stream: libp2p_stream::Behaviour,
+    /// Local-network discovery (`[node] mdns = true`; off by default). Discovered peers are
+    /// dialled; the gate still admits only members.
+    pub mdns: libp2p::swarm::behaviour::toggle::Toggle<libp2p::mdns::tokio::Behaviour>,
 }
 
 /// Why the network could not start.
@@ -66,6 +69,7 @@ pub fn build_swarm(
     keypair: identity::Keypair,
     registry: &mut prometheus_client::registry::Registry,
     policy: std::sync::Arc<std::sync::RwLock<gate::Policy>>,
+    mdns: bool,
 ) -> Result<Swarm<Behaviour>, NetError> {
     let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
     let gossip_config = gossipsub::ConfigBuilder::default()
@@ -83,7 +87,14 @@ pub fn build_swarm(
                 gossipsub::MessageAuthenticity::Signed(key.clone()),
                 gossip_config,
             )?;
-            let _ = &key;
+            let mdns = if mdns {
+                Some(libp2p::mdns::tokio::Behaviour::new(
+                    libp2p::mdns::Config::default(),
+                    key.public().to_peer_id(),
+                )?)
+            } else {
+                None
+            };
             gossipsub.with_peer_score(
                 gossipsub::PeerScoreParams::default(),
                 gossipsub::PeerScoreThresholds::default(),
@@ -99,6 +110,7 @@ pub fn build_swarm(
                 ),
                 gossipsub,
                 stream: libp2p_stream::Behaviour::new(),
+                mdns: mdns.into(),
             })
         })
         .map_err(|e| setup(&e))?

@@ -253,3 +253,36 @@ fn a_node_started_after_the_add_finds_the_content() -> Result<()> {
     drop(ra);
     Ok(())
 }
+
+#[test]
+fn mdns_finds_members_without_bootstrap_addresses() -> Result<()> {
+    // A and B know no address of each other: with mDNS on they find each other and B fetches
+    // A's object; C, a non-member that also runs mDNS, is discovered but gets nothing.
+    let _s = serial();
+    let nodes = mesh(2)?;
+    let (a, b) = (&nodes[0].0, &nodes[1].0);
+    let (c, _) = Node::mesh(&[])?;
+    for n in [a, b, &c] {
+        n.set_config("mdns", "true")?;
+        // mDNS runs on the machine's multicast interfaces, so listen on them too.
+        n.set_config("listen", "[\"/ip4/0.0.0.0/udp/0/quic-v1\"]")?;
+    }
+    let tmp = tempfile::tempdir()?;
+    let src = tmp.path().join("obj.bin");
+    fs::write(&src, random_bytes(36, 2 << 20))?;
+    let _ra = a.start(&[])?;
+    let root = add(a, &src)?;
+    let _rb = b.start(&[])?;
+    let _rc = c.start(&[])?;
+    wait_for(60, "B to discover A by mDNS", || {
+        let peers = b.run(&["peers", "--json"]).ok()?.text();
+        peers.contains(&nodes[0].1).then_some(())
+    })?;
+    let out = tmp.path().join("out.bin");
+    get_json(b, &root, &out)?;
+    assert_eq!(file_hash(&out)?, file_hash(&src)?);
+    let denied =
+        c.run(&["get", "--timeout", "5", &root, tmp.path().join("c.bin").to_str().unwrap()])?;
+    assert_ne!(denied.code, 0, "a non-member found by mDNS gets nothing");
+    Ok(())
+}

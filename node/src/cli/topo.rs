@@ -585,7 +585,8 @@ fn watch(
                 .cloned();
             let Some(r) = mine else { continue };
             let key = (r["activation_index"].clone(), r["status"].clone());
-            if last.as_ref() != Some(&key) && !r["activation_index"].is_null() {
+            if last.as_ref() != Some(&key) && r["activation_index"].as_u64().is_some_and(|i| i > 0)
+            {
                 last = Some(key);
                 ctx.print(r.clone(), || {
                     format!(

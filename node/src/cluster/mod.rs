@@ -111,6 +111,10 @@ pub struct TopologyReport {
     pub error: String,
     /// `in sync`, `changed`, `missing`, or empty when unknown.
     pub drift: String,
+    /// The version waiting for activation (the latest, staged or in its canary phase) if
+    /// this router holds it completely, else 0. Gossip says the same, but a restarted
+    /// router's announcements can be ignored for a while; this report cannot.
+    pub holding: u64,
 }
 
 /// Longest text in a [`TopologyReport`].

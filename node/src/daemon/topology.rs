@@ -235,6 +235,7 @@ fn apply_job(store: &Store, data_dir: &Path, watch: &Watch, target: &Target, cid
         status: "error".into(),
         error: String::new(),
         drift: String::new(),
+        holding: 0,
     };
     let canonical = match restore::read_object(store, &cid) {
         Ok(b) => b,
@@ -569,16 +570,38 @@ impl Daemon {
         }
     }
 
+    /// One report per watched name: the last result (if any), the drift, and whether the
+    /// version waiting for activation is held here.
     fn my_reports(&self) -> Vec<TopologyReport> {
+        let state = self.cluster_state();
         self.topo
-            .results
-            .values()
-            .filter(|r| self.topo.watches.contains_key(&r.name))
-            .map(|r| {
-                let mut r = r.clone();
-                if let Some(d) = self.topo.drift.get(&r.name) {
+            .watches
+            .keys()
+            .map(|name| {
+                let mut r = self.topo.results.get(name).cloned().unwrap_or(TopologyReport {
+                    name: name.clone(),
+                    activation_index: 0,
+                    version: 0,
+                    applied_version: 0,
+                    applied: false,
+                    status: "none".into(),
+                    error: String::new(),
+                    drift: String::new(),
+                    holding: 0,
+                });
+                if let Some(d) = self.topo.drift.get(name) {
                     r.drift.clone_from(d);
                 }
+                r.holding = state
+                    .topologies
+                    .get(name)
+                    .and_then(|t| t.versions.last())
+                    .filter(|v| matches!(v.state, VersionState::Staged | VersionState::Canary))
+                    .filter(|v| {
+                        Cid::from_bytes(&v.root)
+                            .is_ok_and(|c| matches!(self.store.root(&c), Ok(Some(_))))
+                    })
+                    .map_or(0, |v| v.number);
                 r
             })
             .collect()
@@ -664,7 +687,10 @@ impl Daemon {
         }
         let gossip =
             self.directory.holding(&cid, &net::core_peer(&p)).is_some_and(|(complete, _)| complete);
-        gossip || self.report_of(peer, name).is_some_and(|r| r.applied_version == version)
+        gossip
+            || self
+                .report_of(peer, name)
+                .is_some_and(|r| r.applied_version == version || r.holding == version)
     }
 
     /// The observation of one version of `name`.
@@ -681,7 +707,7 @@ impl Daemon {
             if self.topology_holds(&m.peer, &v.root, name, version) {
                 obs.holders.insert(m.peer.clone());
             }
-            if let Some(r) = self.report_of(&m.peer, name) {
+            if let Some(r) = self.report_of(&m.peer, name).filter(|r| r.activation_index > 0) {
                 obs.hooks.insert(
                     m.peer.clone(),
                     HookResult { activation_index: r.activation_index, applied: r.applied },

@@ -4,8 +4,9 @@
 //! proposals exit with their codes and pass once granted or fixed; that of two proposals on
 //! one base exactly one stages and the other exits "stale base" (and stages with --force);
 //! that a rollback restores the earlier bytes everywhere; that a failing hook restores the
-//! previous file; that a canary whose hook fails is rolled back; and that a router stopped
-//! during an activation is on the active version within seconds of coming back.
+//! previous file; that a canary whose hook fails is rolled back; and that a router stopped,
+//! or frozen (SIGSTOP), during an activation is on the active version within seconds of
+//! coming back.
 //! Runs serially with the other fleet tests (two cores), with 100 ms Raft ticks and
 //! generous deadlines.
 
@@ -497,6 +498,43 @@ fn scenario(root: &Path) -> Result<()> {
     eprintln!(
         "router 4 on the active version {:.1} s after its restart",
         back.elapsed().as_secs_f64()
+    );
+
+    // 8b. A router frozen (SIGSTOP: its connections go silent, as when its link is cut)
+    //    while version 10 is staged and activated: once it runs again it catches up.
+    let pid = routers[3].running.as_ref().and_then(Running::pid).context("router 3 pid")?;
+    let signal = |sig: &str| -> Result<()> {
+        let ok = Command::new("kill").args([sig, &pid.to_string()]).status()?.success();
+        anyhow::ensure!(ok, "kill {sig} {pid}");
+        Ok(())
+    };
+    signal("-STOP")?;
+    let v10 = backbone_variant(tmp, 20)?;
+    let staged = propose(&m1, "backbone", &v10, &[]);
+    let staged = match staged {
+        Ok(s) => s,
+        Err(e) => {
+            signal("-CONT")?;
+            return Err(e);
+        }
+    };
+    let activated =
+        wait_for(120, "backbone 10 active", || (active(&m1, "backbone") == Some(10)).then_some(()));
+    if activated.is_err() {
+        eprintln!("history: {:?}", history(&m1, "backbone"));
+        let st = m1.run(&["topology", "status", "backbone", "--json"]).map(|r| r.text());
+        eprintln!("status: {st:?}");
+    }
+    let b10 = expected_hash(&m1, tmp, "backbone", 10, "json");
+    let thawed = std::time::Instant::now();
+    signal("-CONT")?;
+    anyhow::ensure!(staged.0 == 0, "propose 10: exit {} {}", staged.0, staged.2);
+    activated?;
+    let b10 = b10?;
+    wait_files(&routers, &[0, 1, 2, 3, 4], "backbone", "json", &b10, 60)?;
+    eprintln!(
+        "router 3 on the active version {:.1} s after it ran again",
+        thawed.elapsed().as_secs_f64()
     );
 
     // 9. The activation share is a policy: set, and refused when malformed.

@@ -14,6 +14,10 @@
 //! | 7 | disk full |
 //! | 8 | store in use by another process |
 //! | 9 | the command needs a running daemon and none runs |
+//! | 10 | `topology`: stale base (another version was staged on the same base first) |
+//! | 11 | `topology`: unauthorised (no `publish`, or no `admin`, on the namespace) |
+//! | 12 | `topology`: the document fails the name's JSON Schema |
+//! | 13 | `topology`: unsigned proposal or bad signature |
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -33,6 +37,8 @@ use crate::objects;
 use crate::restore::{self, GetError, GetOptions};
 use crate::store::{Store, StoreError};
 use crate::{api, daemon, net};
+
+mod topo;
 
 /// A command's failure: an exit code and a one-line message.
 #[derive(Debug)]
@@ -264,6 +270,12 @@ enum Command {
     Rm {
         /// The root CID.
         cid: String,
+    },
+    /// Topology files for routers: propose, show, history, diff, activate, schema, canary,
+    /// policy, status, watch.
+    Topology {
+        #[command(subcommand)]
+        command: topo::TopologyCommand,
     },
 }
 
@@ -639,6 +651,7 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<(), Failure> {
         Command::Verify { cid } => verify(ctx, cid.as_deref()),
         Command::Gc => gc(ctx),
         Command::Rm { cid } => rm(ctx, &cid),
+        Command::Topology { command } => topo::run(ctx, command),
         Command::Config { command: ConfigCommand::Check { file } } => config_check(ctx, file),
         Command::Config { command: ConfigCommand::Reload } => {
             daemon_call(ctx, "POST", "/v1/members/reload")

@@ -34,6 +34,8 @@ use mycel_consensus::command::{Command as CCommand, Member, Role};
 use mycel_consensus::state::{ClusterState, Outcome};
 use mycel_consensus::{Core, Output as COutput};
 
+pub mod topology;
+
 /// Why the daemon stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -119,6 +121,8 @@ pub enum Command {
     LeaderTransfer(u64, oneshot::Sender<Result<u64, String>>),
     /// Pins and grants with their standing, or one pin's status per node.
     Pins(Option<Cid>, oneshot::Sender<serde_json::Value>),
+    /// Topology files: views, status, watches.
+    Topology(topology::Request),
 }
 
 /// Options of `mycel run` beyond the config file.
@@ -222,6 +226,8 @@ struct Daemon {
     free_bytes: u64,
     /// When the followed state was last saved (deltas are saved at most every 5 s).
     followed_saved: Instant,
+    /// Topology files: router applies, reports, the leader's decisions.
+    topo: topology::Wiring,
 }
 
 fn now(started: Instant) -> Timestamp {
@@ -292,6 +298,7 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
         .map_err(|e| setup(&e))?;
 
     let started = Instant::now();
+    let config_watches = config.topology.watch.clone();
     let seed =
         u64::from_le_bytes(me.to_bytes()[me.to_bytes().len() - 8..].try_into().expect("8 bytes"));
     let mut d = Daemon {
@@ -351,6 +358,7 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
         zones: BTreeSet::new(),
         free_bytes: 0,
         followed_saved: Instant::now(),
+        topo: topology::Wiring::new(&config_watches),
     };
     d.start_cluster().map_err(|e| setup(&e))?;
     tracing::info!(peer_id = %d.me, zone = %d.config.node.zone, "mycel daemon starting");
@@ -727,6 +735,7 @@ impl Daemon {
             Command::Pins(only, reply) => {
                 let _ = reply.send(self.pins_json(only));
             }
+            Command::Topology(request) => self.on_topology_request(request),
             Command::Id(reply) => {
                 let _ = reply.send(self.id_info());
             }
@@ -1254,6 +1263,7 @@ impl Daemon {
             self.fatal(&e.to_string());
         }
         self.cluster_housekeeping();
+        self.topology_tick();
         for job in self.jobs.values_mut() {
             if job.fetch.poll_timeout().is_some_and(|t| t <= now) {
                 job.fetch.handle_timeout(now);
@@ -1971,6 +1981,9 @@ impl Daemon {
                     let _ = meta.set_meta("followed_state", &self.followed.encode());
                 }
                 self.on_state_changed();
+            }
+            ClusterFrame::TopologyReport { reports } => {
+                self.on_topology_report(peer, member, reports);
             }
             ClusterFrame::State { applied, state } => {
                 if self.core.is_some() || state.is_empty() || applied <= self.followed.applied_index

@@ -74,6 +74,23 @@ pub struct NodeConfig {
     /// The admin API.
     #[serde(default)]
     pub api: ApiSection,
+    /// Topology files this node writes (routers): `[[topology.watch]]` tables.
+    #[serde(default, skip_serializing_if = "TopologySection::is_empty")]
+    pub topology: TopologySection,
+}
+
+/// `[topology]`: what a router applies.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopologySection {
+    /// One watch per name: `name`, `out`, `format`, `exec`, `hook_timeout_ms`.
+    pub watch: Vec<crate::topology::WatchConfig>,
+}
+
+impl TopologySection {
+    fn is_empty(&self) -> bool {
+        self.watch.is_empty()
+    }
 }
 
 /// `[node]`: addresses, zone, announcements, bandwidth.
@@ -281,6 +298,15 @@ normalization = 1
 zero_run_bytes = 65536
 # Manifest index nodes are cut after an entry whose hash has this many low zero bits.
 fanout_bits = 8
+
+# Routers: write the active version of a topology file and run a hook, once per
+# activation (docs/topology.md). One table per name; `mycel topology watch` adds more.
+# [[topology.watch]]
+# name = "backbone"
+# out = "/etc/frr/backbone.json"
+# format = "json"            # json, yaml or toml (default: from the extension of out)
+# exec = "systemctl reload frr"
+# hook_timeout_ms = 30000
 "#;
 
 /// Values `init` writes into the config instead of the defaults.
@@ -504,6 +530,13 @@ pub fn load_config(path: &Path) -> Result<NodeConfig, DataDirError> {
     }
     if n.replication_interval_ms == 0 || n.node_lost_ms == 0 {
         return Err(invalid("[node] replication_interval_ms and node_lost_ms must be above 0"));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for w in &config.topology.watch {
+        w.watch().map_err(|e| invalid(&format!("[[topology.watch]] {}: {e}", w.name)))?;
+        if !names.insert(&w.name) {
+            return Err(invalid(&format!("[[topology.watch]] {} is watched twice", w.name)));
+        }
     }
     Ok(config)
 }

@@ -10,8 +10,10 @@
 //! | `POST /v1/fetch` `{"root"}` | NDJSON progress lines until `complete` or `failed` |
 //! | `POST /v1/members/reload` | re-read `[cluster] members` |
 //! | `POST /v1/cli` `{"args"}` | run a store command of the CLI inside the daemon (which holds the store) |
+//! | `/v1/topology/...` | topology files (`topology.rs` lists the routes) |
 
 pub mod client;
+mod topology;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -140,6 +142,7 @@ fn router(state: AppState) -> Router {
             // 100,000 pins in one request are ~10 MB of JSON.
             post(pins_batch).layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
         )
+        .merge(topology::routes())
         .with_state(state)
 }
 

@@ -84,7 +84,41 @@ pub enum ClusterFrame {
         /// `(index, proposal bytes)`.
         entries: Vec<(u64, Vec<u8>)>,
     },
+    /// A router's topology results, one per watched name, sent to managers periodically
+    /// (a lost frame is replaced by the next one).
+    TopologyReport {
+        /// At most [`mycel_consensus::topology::NAMES_MAX`] entries.
+        reports: Vec<TopologyReport>,
+    },
 }
+
+/// What a router last did for one topology name (see `docs/topology.md`).
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct TopologyReport {
+    /// Topology name.
+    pub name: String,
+    /// The activation (or canary start) index handled.
+    pub activation_index: u64,
+    /// The version of that activation.
+    pub version: u64,
+    /// The version the router's file holds (0: none).
+    pub applied_version: u64,
+    /// The file is in place and the hook succeeded (or nothing needed doing).
+    pub applied: bool,
+    /// `applied`, `unchanged`, `hook failed`, `interrupted` or `error`.
+    pub status: String,
+    /// The hook's output tail or the error (at most [`TOPOLOGY_REPORT_TEXT_MAX`] bytes).
+    pub error: String,
+    /// `in sync`, `changed`, `missing`, or empty when unknown.
+    pub drift: String,
+    /// The version waiting for activation (the latest, staged or in its canary phase) if
+    /// this router holds it completely, else 0. Gossip says the same, but a restarted
+    /// router's announcements can be ignored for a while; this report cannot.
+    pub holding: u64,
+}
+
+/// Longest text in a [`TopologyReport`].
+pub const TOPOLOGY_REPORT_TEXT_MAX: usize = 1024;
 
 impl ClusterFrame {
     /// Length-prefixed encoding.

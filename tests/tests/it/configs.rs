@@ -26,7 +26,8 @@ fn every_shipped_config_parses() -> Result<()> {
 
 #[test]
 fn broken_configs_are_refused_with_the_reason() -> Result<()> {
-    // An unknown key and an invalid chunker identity are both errors naming the problem.
+    // An unknown key, an invalid chunker identity and a bad topology watch are errors naming
+    // the problem.
     let node = Node::new()?;
     let tmp = tempfile::tempdir()?;
     let typo = tmp.path().join("typo.toml");
@@ -42,5 +43,11 @@ fn broken_configs_are_refused_with_the_reason() -> Result<()> {
     let r = node.run(&["config", "check", sizes.to_str().unwrap()])?;
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("chunk sizes"), "{}", r.stderr);
+    // A topology watch with a name routers could not use.
+    let watch = tmp.path().join("watch.toml");
+    fs::write(&watch, "[[topology.watch]]\nname = \"Core Graph\"\nout = \"/tmp/g.json\"\n")?;
+    let r = node.run(&["config", "check", watch.to_str().unwrap()])?;
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("bad topology name"), "{}", r.stderr);
     Ok(())
 }

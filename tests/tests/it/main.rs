@@ -9,3 +9,4 @@ mod configs;
 mod interop;
 mod mesh;
 mod pins;
+mod topology;

@@ -29,8 +29,6 @@ fn drain(
 }
 
 #[test]
-#[ignore = "core bug (mycel-proto fetch): a DontHave is remembered for the whole fetch; the \
-            simulator re-adds a holder that answers who-has with complete=true"]
 fn fetch_forgets_dont_have_of_a_complete_holder() {
     // The only holder answers one want with DontHave (a transient read error), then says it
     // holds the root completely. The fetch should ask it again; it asks who-has forever.

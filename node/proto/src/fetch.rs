@@ -273,6 +273,14 @@ impl Fetch {
 
     /// A peer that may hold the object (`same_zone` peers are preferred).
     pub fn add_peer(&mut self, peer: PeerId, same_zone: bool) {
+        // A peer heard from again while nothing else can be asked (it answered who-has, or
+        // announced the root): what it lacked may have been transient (a read error, a copy
+        // since completed), so it may be asked again.
+        if self.starved()
+            && let Some(p) = self.peers.get_mut(&peer)
+        {
+            p.lacks.clear();
+        }
         self.peers.entry(peer).or_insert(PeerState {
             same_zone,
             window: self.config.window_initial,

@@ -360,6 +360,7 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
         followed_saved: Instant::now(),
         topo: topology::Wiring::new(&config_watches),
     };
+    d.announcer.start_seq_at(unix_ms());
     d.start_cluster().map_err(|e| setup(&e))?;
     tracing::info!(peer_id = %d.me, zone = %d.config.node.zone, "mycel daemon starting");
     d.dial_bootstrap();

@@ -63,6 +63,13 @@ impl Announcer {
         Announcer { node, zone: zone.into(), period_ms, next_at: first, seq: 0, page: 0, rng }
     }
 
+    /// Starts sequence numbers at `seq` (the daemon passes its start time in ms since the
+    /// epoch, so a restarted node's announcements outrank the ones peers remember from before
+    /// the restart; starting at 0 again, they would be ignored as stale).
+    pub fn start_seq_at(&mut self, seq: u64) {
+        self.seq = self.seq.max(seq);
+    }
+
     /// When [`Announcer::handle_timeout`] next has something to do.
     pub fn poll_timeout(&self) -> Timestamp {
         self.next_at
@@ -370,6 +377,31 @@ mod tests {
         dir.expire(now.plus_ms(10_000 * 3 + 1));
         assert!(dir.holders(&holdings.complete[0]).is_empty());
         dir.check_invariants();
+    }
+
+    #[test]
+    fn a_restarted_node_outranks_what_peers_remember() {
+        // Before a restart the node announced many times; after it, an announcer starting its
+        // sequence at the (later) start time is heard, and its new holdings replace the old.
+        let me = peer(1);
+        let (old_root, new_root) = (Cid::raw(b"old"), Cid::raw(b"new"));
+        let mut dir = Directory::new(60_000);
+        let mut before = Announcer::new(me, "eu", 1000, Timestamp(0), 1);
+        before.start_seq_at(1_000_000);
+        let h = Holdings { complete: vec![old_root], ..Holdings::default() };
+        for _ in 0..5 {
+            let a = before.handle_timeout(before.poll_timeout(), &h).unwrap();
+            dir.handle_announcement(me, &a, Timestamp(0)).unwrap();
+        }
+        let mut after = Announcer::new(me, "eu", 1000, Timestamp(0), 2);
+        let stale = after.handle_timeout(after.poll_timeout(), &Holdings::default()).unwrap();
+        assert!(stale.seq < dir.node(&me).unwrap().seq, "from 0 it would be ignored");
+        after.start_seq_at(2_000_000);
+        let h = Holdings { complete: vec![new_root], ..Holdings::default() };
+        let a = after.handle_timeout(after.poll_timeout(), &h).unwrap();
+        dir.handle_announcement(me, &a, Timestamp(1)).unwrap();
+        assert_eq!(dir.node(&me).unwrap().seq, a.seq);
+        assert_eq!(dir.holders(&new_root).len(), 1);
     }
 
     #[test]

@@ -108,7 +108,7 @@ on m2 add --json "$WORK/model.bin" >/dev/null
 on e2 get --json "$ROOT" "$WORK/model-e2.bin" | python3 -c 'import json,sys; r=json.load(sys.stdin); [print(f"  {b:>10} bytes from {p}") for p,b in r["by_peer"].items()]'
 cmp "$WORK/model.bin" "$WORK/model-e2.bin" && echo "  identical"
 
-say "pin it with 2 replicas: the fleet places them on edges, one per zone"
+say "pin it with 2 replicas: the fleet places them on edges (rendezvous-ranked, zones spread when seen)"
 on m1 pin add "$ROOT" --replicas 2 --name model
 replicas() { on m1 pin status "$1" --json | python3 -c 'import json,sys; v=json.load(sys.stdin); print(" ".join(sorted(n["peer_id"][-6:] for n in v["nodes"] if n["state"]=="held" and n["alive"] and n["role"]=="edge")))'; }
 for _ in $(seq 300); do [ "$(replicas "$ROOT" | wc -w)" = 2 ] && break; sleep 0.2; done

@@ -297,6 +297,26 @@ fn plan_pin(
             actions.push(Action::Cancel { node: n.node.id.clone(), root: pin.root.clone() });
         }
     }
+    // Zone spread: with every replica complete and nothing copying, a replica set that
+    // covers fewer zones than it could (placed before a zone's nodes were heard) gains a copy
+    // in an uncovered zone; the count then exceeds the maximum (or not) and the release rule
+    // takes one from a zone holding two.
+    if unplaceable.is_none() && copying.is_empty() && holders.len() >= min.max(2) {
+        let held_zones: BTreeSet<&str> = holders.iter().map(|n| n.node.zone.as_str()).collect();
+        let usable = |i: usize| !overloaded(eligible[i]) && holds(eligible[i]).is_none();
+        let zones: BTreeSet<&str> = ranked
+            .iter()
+            .filter(|&&i| usable(i))
+            .map(|&i| cands[i].zone.as_str())
+            .chain(held_zones.iter().copied())
+            .collect();
+        if held_zones.len() < holders.len().min(zones.len())
+            && let Some(&i) =
+                ranked.iter().find(|&&i| usable(i) && !held_zones.contains(cands[i].zone.as_str()))
+        {
+            actions.push(Action::Fetch { node: cands[i].id.clone(), root: pin.root.clone() });
+        }
+    }
     if holders.len() > max {
         release_extras(pin, &holders, &is_target, &rank_of, holders.len() - max, actions);
     }

@@ -720,6 +720,36 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 }
 
 /// Runs a store command through the daemon if one runs; `None` if none does.
+/// Runs CLI `args` inside the daemon (`POST /v1/cli`): its exit code, error message and
+/// standard output.
+async fn cli_call(
+    client: &mut api::client::Client,
+    args: Vec<String>,
+) -> Result<(u8, String, Vec<u8>), Failure> {
+    let resp = client
+        .call("POST", "/v1/cli", Some(json!({"args": args})))
+        .await
+        .map_err(|e| Failure::new(EXIT_FAILURE, e))?;
+    let code: u8 = resp
+        .headers()
+        .get(api::EXIT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(EXIT_FAILURE);
+    let error = resp
+        .headers()
+        .get(api::ERROR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .map_err(|e| Failure::new(EXIT_FAILURE, e.to_string()))?
+        .to_bytes()
+        .to_vec();
+    Ok((code, error, body))
+}
+
 /// What a command forwarded to the daemon ended with, and what it printed.
 type Forwarded = (Result<(), Failure>, Vec<u8>);
 
@@ -745,27 +775,7 @@ fn through_daemon(
                 .await
                 .ok_or_else(|| Failure::new(EXIT_FAILURE, "the daemon went away"))?;
         }
-        let resp = client
-            .call("POST", "/v1/cli", Some(json!({"args": args})))
-            .await
-            .map_err(|e| Failure::new(EXIT_FAILURE, e))?;
-        let code: u8 = resp
-            .headers()
-            .get(api::EXIT_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(EXIT_FAILURE);
-        let error = resp
-            .headers()
-            .get(api::ERROR_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        let body = http_body_util::BodyExt::collect(resp.into_body())
-            .await
-            .map_err(|e| Failure::new(EXIT_FAILURE, e.to_string()))?
-            .to_bytes();
-        let mut body = body.to_vec();
+        let (code, error, mut body) = cli_call(&mut client, args).await?;
         // `get --json` through the mesh also reports who sent what.
         if let (Some(f), true, 0) = (&fetched, ctx.json, code)
             && let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body)

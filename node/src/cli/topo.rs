@@ -169,27 +169,7 @@ fn in_daemon(ctx: &Ctx, args: Vec<String>) -> Result<Vec<u8>, Failure> {
         let mut client = api::client::Client::connect(&socket).await.ok_or_else(|| {
             Failure::new(EXIT_NO_DAEMON, "no daemon is running (start one with `mycel run`)")
         })?;
-        let resp = client
-            .call("POST", "/v1/cli", Some(json!({ "args": args })))
-            .await
-            .map_err(|e| Failure::new(EXIT_FAILURE, e))?;
-        let code: u8 = resp
-            .headers()
-            .get(api::EXIT_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(EXIT_FAILURE);
-        let error = resp
-            .headers()
-            .get(api::ERROR_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        let body = http_body_util::BodyExt::collect(resp.into_body())
-            .await
-            .map_err(|e| Failure::new(EXIT_FAILURE, e.to_string()))?
-            .to_bytes()
-            .to_vec();
+        let (code, error, body) = super::cli_call(&mut client, args).await?;
         if code == 0 { Ok(body) } else { Err(Failure::new(code, error)) }
     })
 }

@@ -270,6 +270,28 @@ impl Node {
     }
 }
 
+/// Runs `scenario` on a directory of node data directories; if it fails, copies each node's
+/// `daemon.log` to `$TMPDIR/mycel-NAME-logs/NODE.log` for the post-mortem (the data
+/// directories go with the test).
+///
+/// # Errors
+/// The scenario's error.
+pub fn keeping_logs(name: &str, scenario: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let result = scenario(root.path());
+    if result.is_err() {
+        let dir = std::env::temp_dir().join(format!("mycel-{name}-logs"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::create_dir_all(&dir);
+        for entry in std::fs::read_dir(root.path())?.flatten() {
+            let to = dir.join(format!("{}.log", entry.file_name().to_string_lossy()));
+            let _ = std::fs::copy(entry.path().join("daemon.log"), to);
+        }
+        eprintln!("daemon logs kept in {}", dir.display());
+    }
+    result
+}
+
 /// A running daemon; killed (SIGKILL) when dropped.
 #[derive(Debug)]
 pub struct Running {

@@ -76,23 +76,7 @@ struct Edge {
 #[test]
 fn pins_replicate_preposition_obey_grants_and_budgets() -> Result<()> {
     let _serial = serial();
-    let root = tempfile::tempdir()?;
-    let result = scenario(root.path());
-    if result.is_err() {
-        // Keep every daemon's log for the post-mortem (the data directories go with the test).
-        let dir = std::env::temp_dir().join("mycel-pins-logs");
-        let _ = std::fs::remove_dir_all(&dir);
-        let _ = std::fs::create_dir_all(&dir);
-        for entry in std::fs::read_dir(root.path())?.flatten() {
-            let log = entry.path().join("daemon.log");
-            let _ = std::fs::copy(
-                &log,
-                dir.join(format!("{}.log", entry.file_name().to_string_lossy())),
-            );
-        }
-        eprintln!("daemon logs kept in {}", dir.display());
-    }
-    result
+    mycel_tests::keeping_logs("pins", scenario)
 }
 
 #[allow(clippy::too_many_lines)] // one fleet, one story: building it is the slow part

@@ -222,23 +222,9 @@ fn configs() -> PathBuf {
 #[test]
 fn topology_files_stage_activate_apply_and_roll_back() -> Result<()> {
     let _serial = serial();
-    let root = tempfile::tempdir()?;
     let started = std::time::Instant::now();
-    let result = scenario(root.path());
+    let result = mycel_tests::keeping_logs("topology", scenario);
     eprintln!("topology scenario took {:.0} s", started.elapsed().as_secs_f64());
-    if result.is_err() {
-        let dir = std::env::temp_dir().join("mycel-topology-logs");
-        let _ = std::fs::remove_dir_all(&dir);
-        let _ = std::fs::create_dir_all(&dir);
-        for entry in std::fs::read_dir(root.path())?.flatten() {
-            let log = entry.path().join("daemon.log");
-            let _ = std::fs::copy(
-                &log,
-                dir.join(format!("{}.log", entry.file_name().to_string_lossy())),
-            );
-        }
-        eprintln!("daemon logs kept in {}", dir.display());
-    }
     result
 }
 

@@ -36,28 +36,6 @@ peer_id() { mycel "$1" id --json | json '["peer_id"]'; }
 free_udp_port() {
     python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
-# set_members DIR PEER_ID...: rewrites `members = ...` in [cluster] of DIR/config.toml.
-set_members() {
-    python3 - "$1/config.toml" "${@:2}" <<'PY'
-import json, re, sys, tomllib
-path, members = sys.argv[1], sys.argv[2:]
-text = open(path).read()
-lines, section, done = text.splitlines(keepends=True), None, False
-for i, line in enumerate(lines):
-    m = re.match(r'\s*\[([^\]]+)\]', line)
-    if m:
-        section = m.group(1).strip()
-    elif section == 'cluster' and re.match(r'\s*members\s*=', line):
-        lines[i] = 'members = ' + json.dumps(members) + '\n'
-        done = True
-        break
-if not done:
-    sys.exit(f'{path}: no `members = ...` line in [cluster]')
-text = ''.join(lines)
-assert tomllib.loads(text)['cluster']['members'] == members, path
-open(path, 'w').write(text)
-PY
-}
 # wait_ready DIR PID: until `mycel id --json` shows listen addresses; fails if the daemon dies.
 wait_ready() {
     local d=$1 pid=$2 i addrs

@@ -99,28 +99,6 @@ s.close()' "$(addr "$FETCHER")" &
     wait "$rx"
     wait
 }
-# set_members DIR PEER_ID...: rewrites `members = ...` in [cluster] of DIR/config.toml.
-set_members() {
-    python3 - "$1/config.toml" "${@:2}" <<'PY'
-import json, re, sys, tomllib
-path, members = sys.argv[1], sys.argv[2:]
-text = open(path).read()
-lines, section, done = text.splitlines(keepends=True), None, False
-for i, line in enumerate(lines):
-    m = re.match(r'\s*\[([^\]]+)\]', line)
-    if m:
-        section = m.group(1).strip()
-    elif section == 'cluster' and re.match(r'\s*members\s*=', line):
-        lines[i] = 'members = ' + json.dumps(members) + '\n'
-        done = True
-        break
-if not done:
-    sys.exit(f'{path}: no `members = ...` line in [cluster]')
-text = ''.join(lines)
-assert tomllib.loads(text)['cluster']['members'] == members, path
-open(path, 'w').write(text)
-PY
-}
 
 # trial K: fresh fetcher and K holders; sets TRIAL_S (seconds of the get) and TRIAL_SPLIT
 # (by_peer in percent, holders by name).

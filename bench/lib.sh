@@ -15,3 +15,25 @@ mbps() { python3 -c "print(f'{$1 / 1e6 / $2:.0f}')"; }
 machine() { echo "$(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r), $(df -h "$BENCH_DIR" | awk 'NR==2{print $1" "$2}')"; }
 # json EXPR: prints json.load(stdin)EXPR (strings and numbers bare, anything else as JSON).
 json() { python3 -c "import json,sys; v=json.load(sys.stdin)$1; print(v if isinstance(v, (str, int, float)) else json.dumps(v))"; }
+# set_members DIR PEER_ID...: rewrites `members = ...` in [cluster] of DIR/config.toml.
+set_members() {
+    python3 - "$1/config.toml" "${@:2}" <<'PY'
+import json, re, sys, tomllib
+path, members = sys.argv[1], sys.argv[2:]
+text = open(path).read()
+lines, section, done = text.splitlines(keepends=True), None, False
+for i, line in enumerate(lines):
+    m = re.match(r'\s*\[([^\]]+)\]', line)
+    if m:
+        section = m.group(1).strip()
+    elif section == 'cluster' and re.match(r'\s*members\s*=', line):
+        lines[i] = 'members = ' + json.dumps(members) + '\n'
+        done = True
+        break
+if not done:
+    sys.exit(f'{path}: no `members = ...` line in [cluster]')
+text = ''.join(lines)
+assert tomllib.loads(text)['cluster']['members'] == members, path
+open(path, 'w').write(text)
+PY
+}

@@ -37,3 +37,16 @@ assert tomllib.loads(text)['cluster']['members'] == members, path
 open(path, 'w').write(text)
 PY
 }
+# cleanup_work: on failure prints the tail of every log in $W; stops every daemon in PIDS and
+# removes $W (for an EXIT trap: the exit status is the script's).
+cleanup_work() {
+    local status=$? pid log
+    if [ "$status" != 0 ] && [ -n "$W" ]; then
+        for log in "$W"/*.log; do
+            [ -f "$log" ] && { echo "== $log" >&2; tail -20 "$log" >&2; }
+        done
+    fi
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    if [ -n "$W" ]; then rm -rf "$W"; fi
+}

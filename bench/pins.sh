@@ -28,18 +28,7 @@ QB_BIN="$ROOT/target/release/mycel-quorum-bench"
 RESULTS="$ROOT/bench/results/pins.txt"
 
 W=""; PIDS=()
-cleanup() {
-    local status=$? pid log
-    if [ "$status" != 0 ] && [ -n "$W" ]; then
-        for log in "$W"/*.log; do
-            [ -f "$log" ] && { echo "== $log" >&2; tail -20 "$log" >&2; }
-        done
-    fi
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    if [ -n "$W" ]; then rm -rf "$W"; fi
-}
-trap cleanup EXIT
+trap cleanup_work EXIT
 trap 'exit 130' INT TERM
 
 mycel() { local d=$1; shift; MYCEL_DATA_DIR="$d" "$M" "$@"; }

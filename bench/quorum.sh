@@ -28,21 +28,9 @@ READY_S="${READY_S:-60}"
 RESULTS="$ROOT/bench/results/quorum.txt"
 
 W=""; PIDS=()
-cleanup() {
-    local status=$? pid log
-    if [ "$status" != 0 ] && [ -n "$W" ]; then
-        for log in "$W"/*.log; do
-            [ -f "$log" ] && { echo "== $log" >&2; tail -20 "$log" >&2; }
-        done
-    fi
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    if [ -n "$W" ]; then rm -rf "$W"; fi
-}
-trap cleanup EXIT
+trap cleanup_work EXIT
 trap 'exit 130' INT TERM
 
-json() { python3 -c "import json,sys; v=json.load(sys.stdin)$1; print(v if isinstance(v, (str, int, float)) else json.dumps(v))"; }
 mycel() { local d=$1; shift; MYCEL_DATA_DIR="$d" "$M" "$@"; }
 stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 

@@ -929,8 +929,15 @@ impl Daemon {
             return;
         }
         let now = self.ts();
-        let store = self.store.clone();
-        let complete = |c: &Cid| matches!(store.root(c), Ok(Some(_)));
+        // One store lookup per pinned root: whether it is held here, and its length.
+        let held: BTreeMap<Cid, u64> = self
+            .cluster_state()
+            .pins
+            .values()
+            .filter_map(crate::replicate::pin_cid)
+            .filter_map(|c| self.store.root(&c).ok().flatten().map(|r| (c, r.len)))
+            .collect();
+        let complete = |c: &Cid| held.contains_key(c);
         let fetching = self
             .jobs
             .iter()
@@ -947,7 +954,7 @@ impl Daemon {
             load: self.jobs.len() as u32,
         };
         let state = self.cluster_state();
-        let size_of = |c: &Cid| store.root(c).ok().flatten().map_or(0, |r| r.len);
+        let size_of = |c: &Cid| held.get(c).copied().unwrap_or(0);
         let pins = crate::replicate::pin_specs(state, &size_of);
         let nodes = crate::replicate::node_states(
             state,

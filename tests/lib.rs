@@ -174,8 +174,17 @@ impl Node {
     /// # Errors
     /// If `mycel init` fails.
     pub fn mesh_in(dir: PathBuf, extra: &[&str]) -> Result<(Node, String)> {
+        Node::mesh_listening(dir, "/ip4/127.0.0.1/udp/0/quic-v1", extra)
+    }
+
+    /// [`Node::mesh_in`] listening on `listen` (a host in a [`Netns`] listens on its own
+    /// address).
+    ///
+    /// # Errors
+    /// If `mycel init` fails.
+    pub fn mesh_listening(dir: PathBuf, listen: &str, extra: &[&str]) -> Result<(Node, String)> {
         let node = Node { dir, _tmp: None };
-        let mut args = vec!["init", "--json", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1"];
+        let mut args = vec!["init", "--json", "--listen", listen];
         args.extend_from_slice(extra);
         let out = node.ok(&args)?.json()?;
         let peer = out["peer_id"].as_str().context("peer_id")?.to_string();
@@ -231,10 +240,28 @@ impl Node {
     /// # Errors
     /// If it exits or never becomes ready.
     pub fn start(&self, extra: &[&str]) -> Result<Running> {
+        self.start_in(None, extra)
+    }
+
+    /// [`Node::start`] inside the network namespace `netns` when given (`ip netns exec`
+    /// execs the daemon, so the process is still the daemon; the CLI reaches it through the
+    /// socket in its data directory from any namespace).
+    ///
+    /// # Errors
+    /// As [`Node::start`].
+    pub fn start_in(&self, netns: Option<&str>, extra: &[&str]) -> Result<Running> {
         let log = std::fs::File::create(self.dir.join("daemon.log"))?;
         let mut args = vec!["run"];
         args.extend_from_slice(extra);
-        let child = Command::new(mycel_bin())
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(mycel_bin());
+                c
+            }
+            None => Command::new(mycel_bin()),
+        };
+        let child = cmd
             .args(&args)
             .env("MYCEL_DATA_DIR", &self.dir)
             .env("RUST_LOG", "info,mycel_node=debug,libp2p_gossipsub=warn")
@@ -375,4 +402,101 @@ pub fn file_hash(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
     std::io::copy(&mut f, &mut h)?;
     Ok(h.finalize().to_hex().to_string())
+}
+
+/// Hosts in network namespaces of their own, each with `eth0` on one bridge (which lives in a
+/// namespace too, so nothing touches the host's network); torn down when dropped. Needs root
+/// and iproute2.
+#[derive(Debug)]
+pub struct Netns {
+    prefix: String,
+    hosts: Vec<String>,
+}
+
+impl Netns {
+    /// The bridge namespace `PREFIX-br`; `prefix` gains the process id, so a run never meets
+    /// another's leftovers.
+    ///
+    /// # Errors
+    /// If namespaces cannot be made (not root, no iproute2), saying so.
+    pub fn new(prefix: &str) -> Result<Netns> {
+        let net = Netns { prefix: format!("{prefix}{}", std::process::id()), hosts: Vec::new() };
+        let br = net.bridge();
+        ip(&["netns", "add", &br]).context(
+            "this test makes network namespaces: run it as root on a machine with iproute2",
+        )?;
+        ip(&["-n", &br, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &br, "link", "set", "br0", "up"])?;
+        Ok(net)
+    }
+
+    fn bridge(&self) -> String {
+        format!("{}-br", self.prefix)
+    }
+
+    /// The namespace of host `name`.
+    pub fn ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    /// Host `name` with `addr` (e.g. 10.213.0.2) on a /24, its `eth0` up on the bridge.
+    ///
+    /// # Errors
+    /// If an `ip` command fails.
+    pub fn host(&mut self, name: &str, addr: &str) -> Result<()> {
+        let ns = self.ns(name);
+        ip(&["netns", "add", &ns])?;
+        self.hosts.push(ns.clone());
+        let veth = format!("v-{name}");
+        ip(&[
+            "-n",
+            &self.bridge(),
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &ns,
+        ])?;
+        ip(&["-n", &self.bridge(), "link", "set", &veth, "master", "br0", "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])
+    }
+
+    /// `ip link set eth0 up|down` in host `name`'s namespace: cuts it off or heals it.
+    ///
+    /// # Errors
+    /// If `ip` fails.
+    pub fn link(&self, name: &str, up: bool) -> Result<()> {
+        ip(&["-n", &self.ns(name), "link", "set", "eth0", if up { "up" } else { "down" }])
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Processes still inside (ours: daemons whose `Running` outlived this) go first, or
+        // the namespace lingers while they hold it.
+        for ns in self.hosts.iter().chain(std::iter::once(&self.bridge())) {
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-KILL", pid]).status();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Runs `ip ARGS`, failing with its stderr.
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }

@@ -6,7 +6,8 @@
 //! that a rollback restores the earlier bytes everywhere; that a failing hook restores the
 //! previous file; that a canary whose hook fails is rolled back; and that a router stopped,
 //! or frozen (SIGSTOP), during an activation is on the active version within seconds of
-//! coming back.
+//! coming back. A second, smaller fleet in network namespaces has a router's link cut
+//! (`ip link set eth0 down`) during an activation and healed.
 //! Runs serially with the other fleet tests (two cores), with 100 ms Raft ticks and
 //! generous deadlines.
 
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
-use mycel_tests::{Node, Running, file_hash, mycel_bin};
+use mycel_tests::{Netns, Node, Running, file_hash, mycel_bin};
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     crate::mesh::SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -544,5 +545,81 @@ fn scenario(root: &Path) -> Result<()> {
     quorum_ok(m3, &["topology", "unwatch", "lab"])?;
     wait_for(60, "m3 unsubscribed", || (subscribed(&m1, "lab") == 5).then_some(()))?;
     drop(managers);
+    Ok(())
+}
+
+/// A watch of `backbone` (written as JSON to `backbone.json` in the data directory) in
+/// `node`'s config file.
+fn watch_backbone(node: &Node) -> Result<()> {
+    let path = node.dir.join("config.toml");
+    let mut config = std::fs::read_to_string(&path)?;
+    config += &format!(
+        "\n[[topology.watch]]\nname = \"backbone\"\nout = \"{}\"\n",
+        node.dir.join("backbone.json").display()
+    );
+    std::fs::write(path, config)?;
+    Ok(())
+}
+
+#[test]
+fn a_router_cut_off_during_an_activation_catches_up_once_its_link_is_up() -> Result<()> {
+    let _serial = serial();
+    mycel_tests::keeping_logs("topology-netns", cut_off)
+}
+
+/// One manager and two routers, each in a network namespace of its own on one bridge.
+fn cut_off(root: &Path) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let tmp = tmp.path();
+    let mut net = Netns::new("mt")?;
+    let quic = |a: &str| format!("/ip4/{a}/udp/0/quic-v1");
+    net.host("m1", "10.213.0.1")?;
+    let (m1, _) = Node::mesh_listening(root.join("m1"), &quic("10.213.0.1"), &["--zone", "a"])?;
+    fast(&m1)?;
+    let _r1 = m1.start_in(Some(&net.ns("m1")), &[])?;
+    m1.ok(&["cluster", "init"])?;
+    let rtok = token(&m1, &["--role", "router", "--uses", "2", "--zone", "b"])?;
+    let mut routers = Vec::new();
+    for i in 0..2 {
+        let (host, addr) = (format!("r{i}"), format!("10.213.0.{}", 10 + i));
+        net.host(&host, &addr)?;
+        let (node, peer) = Node::mesh_listening(
+            root.join(&host),
+            &quic(&addr),
+            &["--zone", "b", "--join", &rtok],
+        )?;
+        fast(&node)?;
+        watch_backbone(&node)?;
+        let running = Some(node.start_in(Some(&net.ns(&host)), &[])?);
+        routers.push(Router { node, peer, running });
+    }
+    wait_for(120, "two routers subscribed", || (subscribed(&m1, "backbone") == 2).then_some(()))?;
+    let (code, _, err) = propose(&m1, "backbone", &configs().join("backbone.json"), &[])?;
+    anyhow::ensure!(code == 0, "propose 1: exit {code} {err}");
+    wait_for(120, "backbone 1 active", || (active(&m1, "backbone") == Some(1)).then_some(()))?;
+    let b1 = expected_hash(&m1, tmp, "backbone", 1, "json")?;
+    wait_files(&routers, &[0, 1], "backbone", "json", &b1, 60)?;
+
+    // Router 1's link goes down; version 2 is staged and activated without it.
+    net.link("r1", false)?;
+    let (code, _, err) = propose(&m1, "backbone", &backbone_variant(tmp, 21)?, &[])?;
+    anyhow::ensure!(code == 0, "propose 2: exit {code} {err}");
+    wait_for(120, "backbone 2 active", || (active(&m1, "backbone") == Some(2)).then_some(()))?;
+    let b2 = expected_hash(&m1, tmp, "backbone", 2, "json")?;
+    wait_files(&routers, &[0], "backbone", "json", &b2, 60)?;
+    anyhow::ensure!(
+        routers[1].hash("backbone", "json").as_deref() == Some(b1.as_str()),
+        "router 1 was cut off, yet changed its file"
+    );
+    // Healed: it is on version 2 within seconds.
+    let healed = std::time::Instant::now();
+    net.link("r1", true)?;
+    wait_files(&routers, &[1], "backbone", "json", &b2, 60)?;
+    eprintln!(
+        "router 1 on the active version {:.1} s after its link came up",
+        healed.elapsed().as_secs_f64()
+    );
+    drop(routers);
+    drop(net);
     Ok(())
 }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The mycel demo on embedded defaults: builds the binary, makes a throwaway node, and shows
 # content addressing at work on generated data: dedup, an incremental change, a sparse disk
-# image, a topology file in three formats, verify, and byte-exact restores.
+# image, a topology file in three formats, verify, and byte-exact restores; then a local mesh:
+# managers, edges and routers on loopback, pins, replication surviving a killed edge, a
+# pre-position, a topology change activated and rolled back, and a killed Raft leader.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p mycel-node --bin mycel
@@ -129,6 +131,27 @@ MAPS=$(on m1 add --json "$WORK/maps.bin" | root)
 on m1 pin add "$MAPS" --preposition eu --by +10m --name maps
 for _ in $(seq 300); do [ "$(on m1 pin status "$MAPS" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["deadline"])')" = met ] && break; sleep 0.2; done
 on m1 pin ls
+
+say "two routers watch topology 'backbone'; a proposal is staged, activated by the quorum once both hold it, and written by each"
+RTOK=$(on m1 cluster token create --role router --uses 2 --zone eu)
+start r1 --join "$RTOK" --zone eu; start r2 --join "$RTOK" --zone eu
+on r1 topology watch backbone --out "$WORK/r1-backbone.yaml" --format yaml --detach
+on r2 topology watch backbone --out "$WORK/r2-backbone.json" --detach
+on m1 topology propose backbone configs/topologies/backbone.json
+active() { on m1 topology history backbone --json | python3 -c 'import json,sys; print(json.load(sys.stdin).get("active"))'; }
+for _ in $(seq 300); do [ "$(active)" = 1 ] && [ -s "$WORK/r2-backbone.json" ] && break; sleep 0.2; done
+echo "  r1 wrote $(wc -l < "$WORK/r1-backbone.yaml") lines of YAML, r2 $(wc -c < "$WORK/r2-backbone.json") bytes of JSON"
+sed 's/"metric": 10,/"metric": 25,/' configs/topologies/backbone.json > "$WORK/backbone-v2.json"
+on m1 topology propose backbone "$WORK/backbone-v2.json"
+for _ in $(seq 300); do [ "$(active)" = 2 ] && grep -q '"metric": 25' "$WORK/r2-backbone.json" && break; sleep 0.2; done
+on m1 topology diff backbone 1 2
+applied() { on m1 topology status backbone --json | python3 -c 'import json,sys; print(" ".join(str(r.get("applied_version")) for r in json.load(sys.stdin)["routers"]))'; }
+for _ in $(seq 100); do [ "$(applied)" = "2 2" ] && break; sleep 0.2; done
+on m1 topology status backbone
+say "roll back: version 1 is made active again through the same commit"
+on m1 topology activate backbone --version 1
+for _ in $(seq 300); do [ "$(active)" = 1 ] && ! grep -q '"metric": 25' "$WORK/r2-backbone.json" && break; sleep 0.2; done
+on m1 topology history backbone
 
 say "kill -9 the Raft leader: the others elect a new one and keep committing"
 LEADER=$(on m1 cluster members --json | python3 -c 'import json,sys; v=json.load(sys.stdin); print([m["peer_id"] for m in v["members"] if m["raft"]=="leader"][0])')

@@ -1327,7 +1327,7 @@ fn cluster_cmd(ctx: &Ctx, command: ClusterCommand) -> Result<(), Failure> {
                 for m in v["members"].as_array().into_iter().flatten() {
                     println!(
                         "{:>3} {:<8} {:<8} {:<10} {}  {}",
-                        m["raft_id"],
+                        m["raft_id"].to_string(),
                         m["role"].as_str().unwrap_or_default(),
                         m["raft"].as_str().unwrap_or_default(),
                         m["zone"].as_str().unwrap_or_default(),

@@ -333,7 +333,7 @@ pub(super) fn run(ctx: &Ctx, command: TopologyCommand) -> Result<(), Failure> {
                     s += &format!(
                         "{:<32} latest {:<4} active {}\n",
                         t["name"].as_str().unwrap_or_default(),
-                        t["latest"],
+                        t["latest"].to_string(),
                         t["active"]
                     );
                 }
@@ -448,12 +448,13 @@ fn history(ctx: &Ctx, name: &str) -> Result<(), Failure> {
             let short = &proposer[proposer.len().saturating_sub(8)..];
             s += &format!(
                 "{:>4}  {:<10} {:<20} {:<10} {:>7} {:>7}  {}\n",
-                x["version"],
+                // JSON values ignore width and alignment: format them as strings.
+                x["version"].to_string(),
                 x["state"].as_str().unwrap_or_default(),
                 rfc3339(x["proposed_ms"].as_u64().unwrap_or(0)),
                 format!("…{short}"),
-                x["holding"],
-                x["applied"],
+                x["holding"].to_string(),
+                x["applied"].to_string(),
                 x["cid"].as_str().unwrap_or_default()
             );
         }

@@ -33,6 +33,10 @@ struct State {
     steps: u64,
     crash_at: Option<u64>,
     crashed: bool,
+    /// Writes of at least this many bytes take `large_write_delay` (a slow device: writes
+    /// that run on other threads are still under way when the caller moves on).
+    large_write_bytes: usize,
+    large_write_delay: std::time::Duration,
 }
 
 impl State {
@@ -65,6 +69,13 @@ impl CrashVfs {
     pub fn crash_at(&self, step: u64) {
         let mut s = self.state.lock().expect("crash vfs lock");
         s.crash_at = Some(s.steps + step);
+    }
+
+    /// Makes every write of at least `bytes` take `delay`.
+    pub fn slow_large_writes(&self, bytes: usize, delay: std::time::Duration) {
+        let mut s = self.state.lock().expect("crash vfs lock");
+        s.large_write_bytes = bytes;
+        s.large_write_delay = delay;
     }
 
     /// Mutating steps so far.
@@ -187,6 +198,14 @@ impl VfsFile for CrashFile {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let delay = {
+            let s = self.state.lock().expect("crash vfs lock");
+            (s.large_write_bytes > 0 && buf.len() >= s.large_write_bytes)
+                .then_some(s.large_write_delay)
+        };
+        if let Some(delay) = delay {
+            std::thread::sleep(delay);
+        }
         let mut s = self.state.lock().expect("crash vfs lock");
         s.step()?;
         let data = &mut s.inodes[self.ino].current;

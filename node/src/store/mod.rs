@@ -758,7 +758,7 @@ impl Writer<'_> {
     /// zeros past the logical end, which recovery cuts off), keeping the partial block.
     fn flush_stage(&mut self, pad: bool) -> Result<(), StoreError> {
         let file = self.file.clone().expect("writer has a pack");
-        let written = self.stage.flush(&*file, pad)?;
+        let written = self.stage.flush(&file, pad)?;
         if written {
             self.touched.insert(self.pack, (file, self.end));
         }
@@ -894,23 +894,61 @@ const STAGE_ALIGN: usize = 4096;
 /// Bytes staged before a write; more than the largest record plus one partial block.
 const STAGE_BYTES: usize = 8 << 20;
 const _: () = assert!(STAGE_BYTES > mycel_chunker::NODE_BYTES_MAX + 2 * STAGE_ALIGN + 64);
+/// Stage writes in flight at once. O_DIRECT writes block their thread until the device has
+/// the data; two at a time keep the device busy while the caller fills the next stage (on
+/// the benchmark machine's virtio disk, 2 concurrent 8 MiB writes move ~1.4x the bytes of
+/// one).
+const WRITES_IN_FLIGHT: usize = 2;
+
+/// `STAGE_BYTES` of 4 KiB-aligned memory.
+#[derive(Debug)]
+struct AlignedBuf {
+    raw: Vec<u8>,
+    base: usize,
+}
+
+impl AlignedBuf {
+    fn new() -> AlignedBuf {
+        let raw = vec![0u8; STAGE_BYTES + STAGE_ALIGN];
+        let base = raw.as_ptr().align_offset(STAGE_ALIGN);
+        assert!(base < STAGE_ALIGN);
+        AlignedBuf { raw, base }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.raw[self.base..self.base + STAGE_BYTES]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.base..self.base + STAGE_BYTES]
+    }
+}
+
+/// A write of whole blocks under way on its own thread; gives its buffer back.
+type InFlight = std::thread::JoinHandle<(AlignedBuf, io::Result<()>)>;
 
 /// A page-aligned buffer of pack bytes that starts at an aligned file offset, so pack
 /// files can be written with O_DIRECT (no page-cache copy, no CPU spent on writeback).
+/// Full buffers are written by threads of their own, [`WRITES_IN_FLIGHT`] at most, while
+/// the next buffer fills; [`Stage::flush`] with `pad` (before a sync) waits for them all.
 #[derive(Debug)]
 struct Stage {
-    raw: Vec<u8>,
-    base: usize,
+    buf: AlignedBuf,
     len: usize,
     file_offset: u64,
+    in_flight: std::collections::VecDeque<InFlight>,
+    spare: Vec<AlignedBuf>,
 }
 
 impl Stage {
     fn new() -> Stage {
-        let raw = vec![0u8; STAGE_BYTES + STAGE_ALIGN];
-        let base = raw.as_ptr().align_offset(STAGE_ALIGN);
-        assert!(base < STAGE_ALIGN);
-        Stage { raw, base, len: 0, file_offset: 0 }
+        Stage {
+            buf: AlignedBuf::new(),
+            len: 0,
+            file_offset: 0,
+            in_flight: std::collections::VecDeque::new(),
+            spare: Vec::new(),
+        }
     }
 
     fn reset(&mut self, file_offset: u64) {
@@ -928,30 +966,82 @@ impl Stage {
     }
 
     fn push(&mut self, a: &[u8], b: &[u8]) {
-        let at = self.base + self.len;
-        self.raw[at..at + a.len()].copy_from_slice(a);
-        self.raw[at + a.len()..at + a.len() + b.len()].copy_from_slice(b);
+        let at = self.len;
+        let bytes = self.buf.bytes_mut();
+        bytes[at..at + a.len()].copy_from_slice(a);
+        bytes[at + a.len()..at + a.len() + b.len()].copy_from_slice(b);
         self.len += a.len() + b.len();
     }
 
+    /// Waits for the oldest write in flight; its error, if it failed.
+    fn wait_one(&mut self) -> io::Result<()> {
+        let Some(handle) = self.in_flight.pop_front() else { return Ok(()) };
+        let (buf, result) =
+            handle.join().map_err(|_| io::Error::other("a pack write thread panicked"))?;
+        self.spare.push(buf);
+        result
+    }
+
+    /// Waits for every write in flight; the first error.
+    fn wait_all(&mut self) -> io::Result<()> {
+        let mut first = Ok(());
+        while !self.in_flight.is_empty() {
+            let r = self.wait_one();
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+
     /// Writes whole blocks (and with `pad` the last partial one, zero-padded); returns
-    /// whether anything was written. The partial block stays staged.
-    fn flush(&mut self, file: &dyn VfsFile, pad: bool) -> io::Result<bool> {
+    /// whether anything was written. The partial block stays staged. Without `pad` the
+    /// write may still be in flight on return (its error comes from a later call); with
+    /// `pad` every write of this stage has reached the file.
+    fn flush(&mut self, file: &Arc<dyn VfsFile>, pad: bool) -> io::Result<bool> {
         let whole = self.len / STAGE_ALIGN * STAGE_ALIGN;
-        let write_len = if pad { self.len.div_ceil(STAGE_ALIGN) * STAGE_ALIGN } else { whole };
-        if write_len == 0 {
+        if pad {
+            self.wait_all()?;
+            let write_len = self.len.div_ceil(STAGE_ALIGN) * STAGE_ALIGN;
+            if write_len == 0 {
+                return Ok(false);
+            }
+            let (len, bytes) = (self.len, self.buf.bytes_mut());
+            bytes[len..write_len].fill(0);
+            file.write_at(&bytes[..write_len], self.file_offset)?;
+            if whole > 0 {
+                bytes.copy_within(whole..len, 0);
+                self.file_offset += whole as u64;
+                self.len -= whole;
+            }
+            return Ok(true);
+        }
+        if whole == 0 {
             return Ok(false);
         }
-        if write_len > self.len {
-            self.raw[self.base + self.len..self.base + write_len].fill(0);
+        while self.in_flight.len() >= WRITES_IN_FLIGHT {
+            self.wait_one()?;
         }
-        file.write_at(&self.raw[self.base..self.base + write_len], self.file_offset)?;
-        if whole > 0 {
-            self.raw.copy_within(self.base + whole..self.base + self.len, self.base);
-            self.file_offset += whole as u64;
-            self.len -= whole;
-        }
+        // The partial block moves to the front of a fresh buffer; the full one goes out.
+        let mut next = self.spare.pop().unwrap_or_else(AlignedBuf::new);
+        next.bytes_mut()[..self.len - whole].copy_from_slice(&self.buf.bytes()[whole..self.len]);
+        let full = std::mem::replace(&mut self.buf, next);
+        let (file, offset) = (file.clone(), self.file_offset);
+        self.in_flight.push_back(std::thread::spawn(move || {
+            let result = file.write_at(&full.bytes()[..whole], offset);
+            (full, result)
+        }));
+        self.file_offset += whole as u64;
+        self.len -= whole;
         Ok(true)
+    }
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        // An abandoned writer's bytes are never acknowledged; its threads still finish
+        // before the files they write can be reused.
+        let _ = self.wait_all();
     }
 }
 

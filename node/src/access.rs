@@ -72,20 +72,26 @@ impl Access {
         }
     }
 
-    /// The namespace of a root: its pin's, or the default one.
-    pub fn namespace(&self, root: &Cid) -> &str {
-        self.namespaces.get(root.to_bytes().as_slice()).map_or(DEFAULT_NAMESPACE, String::as_str)
+    /// The namespace of a root: its committed pin's; else `local`, the one it was added
+    /// under on this node ([`Store::local_namespace`]); else the default one.
+    pub fn namespace<'a>(&'a self, root: &Cid, local: Option<&'a str>) -> &'a str {
+        self.namespaces
+            .get(root.to_bytes().as_slice())
+            .map(String::as_str)
+            .or(local)
+            .unwrap_or(DEFAULT_NAMESPACE)
     }
 
-    /// Whether `peer` may read `root`; `Err` says why not.
+    /// Whether `peer` may read `root`, whose namespace as added here is `local`; `Err`
+    /// says why not.
     ///
     /// # Errors
     /// The refusal reason sent to the peer.
-    pub fn may_read(&self, peer: &PeerId, root: &Cid) -> Result<(), String> {
+    pub fn may_read(&self, peer: &PeerId, root: &Cid, local: Option<&str>) -> Result<(), String> {
         if !self.enabled {
             return Ok(());
         }
-        let ns = self.namespace(root);
+        let ns = self.namespace(root, local);
         let Some(subject) = self.subjects.get(peer) else {
             return Err("not a member of the cluster".into());
         };

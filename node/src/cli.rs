@@ -301,7 +301,8 @@ struct PinArgs {
     /// A name for people.
     #[arg(long)]
     name: Option<String>,
-    /// The namespace whose grants govern it.
+    /// The namespace whose grants govern it. With `add`, it governs reads from this node
+    /// from the moment the add commits, before (and without) any pin.
     #[arg(long, default_value = "default")]
     namespace: String,
 }
@@ -630,14 +631,14 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<(), Failure> {
         Command::Id => id(ctx),
         Command::Status => daemon_get(ctx, "/v1/status"),
         Command::Peers => daemon_get(ctx, "/v1/peers"),
-        Command::Add { path, kind, pin, .. } => {
+        Command::Add { path, kind, pin, pin_args } => {
             if pin {
                 return Err(Failure::new(
                     EXIT_NO_DAEMON,
                     "--pin needs a running daemon (start one with `mycel run`)",
                 ));
             }
-            add(ctx, path, kind)
+            add(ctx, path, kind, &pin_args.namespace)
         }
         Command::Pin { command } => pin_cmd(ctx, command),
         Command::Grant { command } => grant_cmd(ctx, command),
@@ -671,12 +672,13 @@ fn daemon_args(command: &Command, json: bool) -> Result<Option<Vec<String>>, Fai
             .map_err(|e| Failure::new(EXIT_INVALID, format!("{}: {e}", p.display())))
     };
     let mut args: Vec<String> = match command {
-        Command::Add { path, kind, .. } => {
+        Command::Add { path, kind, pin_args, .. } => {
             if path.as_os_str() == "-" {
                 return Ok(None); // stdin stays with the CLI; handled below
             }
             let kind = clap::ValueEnum::to_possible_value(kind).expect("no skipped variants");
-            vec!["add".into(), abs(path)?, "--kind".into(), kind.get_name().into()]
+            let (kind, ns) = (kind.get_name().to_owned(), pin_args.namespace.clone());
+            vec!["add".into(), abs(path)?, "--kind".into(), kind, "--namespace".into(), ns]
         }
         Command::Get { cid, out, in_place, format, source, .. } => {
             let mut a = vec!["get".into(), cid.clone(), abs(out)?];
@@ -1002,13 +1004,17 @@ fn chunker_config(ctx: &Ctx) -> Result<Config, Failure> {
     Ok(ctx.dir.config()?.chunker.config())
 }
 
-fn add(ctx: &Ctx, path: PathBuf, kind: KindArg) -> Result<(), Failure> {
+/// `namespace`: the one `--namespace` named (`default` records nothing).
+fn add(ctx: &Ctx, path: PathBuf, kind: KindArg, namespace: &str) -> Result<(), Failure> {
+    mycel_policy::access::validate_namespace(namespace)
+        .map_err(|e| Failure::new(EXIT_INVALID, e))?;
+    let namespace = (namespace != mycel_policy::access::DEFAULT_NAMESPACE).then_some(namespace);
     let config = chunker_config(ctx)?;
     let store = ctx.store()?;
     let total = std::fs::metadata(&path).ok().filter(|m| m.is_file()).map(|m| m.len());
     let progress = ingest::Progress::default();
     let report = ctx.progress(total, "adding", &progress.bytes, || {
-        ingest::add(&store, &path, kind, &config, now_ms(), &progress)
+        ingest::add(&store, &path, kind, namespace, &config, now_ms(), &progress)
     })?;
     let value = serde_json::to_value(&report).expect("report serialises");
     ctx.print(value, || {

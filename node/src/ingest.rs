@@ -119,7 +119,8 @@ struct Counts {
     files: u64,
 }
 
-/// Adds `path` (or standard input for `-`) to the store.
+/// Adds `path` (or standard input for `-`) to the store; `namespace`, when given, is
+/// recorded with the root ([`crate::store::Writer::set_namespace`]) in the same commit.
 ///
 /// # Errors
 /// [`AddError`]: unreadable input, invalid topology, store failures. Nothing is
@@ -128,6 +129,7 @@ pub fn add(
     store: &Store,
     path: &Path,
     kind: KindArg,
+    namespace: Option<&str>,
     config: &Config,
     now_ms: u64,
     progress: &Progress,
@@ -234,6 +236,9 @@ pub fn add(
             source: source.map(|c| c.to_bytes()),
         },
     );
+    if let Some(ns) = namespace {
+        w.set_namespace(root.cid, ns);
+    }
     w.commit()?;
     report.root = root.cid.to_string();
     report.bytes = len;

@@ -975,9 +975,16 @@ mod tests {
             ..Config::default()
         };
         for config in [Config::default(), tiny] {
-            let report =
-                ingest::add(&store, &file, KindArg::Topology, &config, 0, &Progress::default())
-                    .unwrap();
+            let report = ingest::add(
+                &store,
+                &file,
+                KindArg::Topology,
+                None,
+                &config,
+                0,
+                &Progress::default(),
+            )
+            .unwrap();
             let root = canon::object_root(&canonical, &config).unwrap();
             assert_eq!(report.root, root.to_string(), "{config:?}");
         }

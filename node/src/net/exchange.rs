@@ -136,10 +136,20 @@ async fn serve_want(
         let reason = "malformed root".to_string();
         return write_frame(stream, &Frame::Refused { req, reason }).await;
     };
+    // The namespace the root was added under here, which governs it until a pin commits.
+    // Unreadable, the answer is no rather than the default namespace.
+    let local = match ctx.store.local_namespace(&root) {
+        Ok(ns) => ns,
+        Err(e) => {
+            let reason = format!("this node cannot tell who may read {root}: {e}");
+            write_frame(stream, &Frame::Refused { req, reason }).await?;
+            return stream.flush().await;
+        }
+    };
     for c in cids {
         // Checked per block: a revocation committed while this want is served stops it.
         let access = ctx.access.read().expect("access lock").clone();
-        if let Err(reason) = access.may_read(&peer, &root) {
+        if let Err(reason) = access.may_read(&peer, &root, local.as_deref()) {
             ctx.metrics.refused_requests.inc();
             write_frame(stream, &Frame::Refused { req, reason }).await?;
             return stream.flush().await;

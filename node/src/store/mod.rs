@@ -36,6 +36,9 @@ const CHUNKS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("chunks")
 const ROOTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("roots");
 const PACKS: TableDefinition<u32, u64> = TableDefinition::new("packs");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Root CID bytes -> the namespace it was added under here (`mycel add --namespace`): it
+/// governs who may read the root from this node until a committed pin names one.
+const NAMESPACES: TableDefinition<&[u8], &str> = TableDefinition::new("namespaces");
 
 /// Store layout version, kept in the meta table.
 const STORE_VERSION: u8 = 1;
@@ -228,6 +231,7 @@ impl Store {
             tx.open_table(CHUNKS).map_err(index_err)?;
             tx.open_table(ROOTS).map_err(index_err)?;
             tx.open_table(PACKS).map_err(index_err)?;
+            tx.open_table(NAMESPACES).map_err(index_err)?;
             let mut meta = tx.open_table(META).map_err(index_err)?;
             let version = meta.get("version").map_err(index_err)?.map(|v| v.value().to_vec());
             match version.as_deref() {
@@ -404,6 +408,7 @@ impl Store {
             pending: HashMap::new(),
             roots: Vec::new(),
             removed_roots: Vec::new(),
+            namespaces: Vec::new(),
             stored_bytes: 0,
             stage: Stage::new(),
             chunks: None,
@@ -450,6 +455,16 @@ impl Store {
         codec::decode(ROOT_RECORD_VERSION, v.value())
             .map(Some)
             .map_err(|e| StoreError::Metadata(format!("root {cid}: {e}")))
+    }
+
+    /// The namespace `cid` was added under here, if one was given (see [`Writer::set_namespace`]).
+    ///
+    /// # Errors
+    /// Index errors.
+    pub fn local_namespace(&self, cid: &Cid) -> Result<Option<String>, StoreError> {
+        let tx = self.db.begin_read().map_err(index_err)?;
+        let table = tx.open_table(NAMESPACES).map_err(index_err)?;
+        Ok(table.get(cid.to_bytes().as_slice()).map_err(index_err)?.map(|v| v.value().to_owned()))
     }
 
     /// Counts of blocks, packs and roots.
@@ -699,6 +714,7 @@ pub struct Writer<'a> {
     pending: HashMap<[u8; 32], Location>,
     roots: Vec<(Cid, RootRecord)>,
     removed_roots: Vec<Cid>,
+    namespaces: Vec<(Cid, String)>,
     stored_bytes: u64,
     /// Pack bytes not yet written, starting at a 4 KiB-aligned file offset.
     stage: Stage,
@@ -836,6 +852,12 @@ impl Writer<'_> {
         self.roots.push((cid, record));
     }
 
+    /// Records the namespace a root is added under, committed with it (so it is never
+    /// served without this answer to "who may read it").
+    pub fn set_namespace(&mut self, cid: Cid, namespace: &str) {
+        self.namespaces.push((cid, namespace.to_owned()));
+    }
+
     /// Makes everything written so far durable: pack data, then the packs directory (for a
     /// new pack), then the index. Nothing may be acknowledged before this returns `Ok`.
     ///
@@ -873,14 +895,20 @@ impl Writer<'_> {
                 let value = codec::encode(ROOT_RECORD_VERSION, record);
                 roots.insert(cid.to_bytes().as_slice(), value.as_slice()).map_err(index_err)?;
             }
+            let mut namespaces = tx.open_table(NAMESPACES).map_err(index_err)?;
+            for (cid, ns) in &self.namespaces {
+                namespaces.insert(cid.to_bytes().as_slice(), ns.as_str()).map_err(index_err)?;
+            }
             for cid in &self.removed_roots {
                 roots.remove(cid.to_bytes().as_slice()).map_err(index_err)?;
+                namespaces.remove(cid.to_bytes().as_slice()).map_err(index_err)?;
             }
         }
         tx.commit().map_err(index_err)?;
         self.pending.clear();
         self.roots.clear();
         self.removed_roots.clear();
+        self.namespaces.clear();
         self.dead.clear();
         self.dropped_packs.clear();
         self.chunks = None;

@@ -172,6 +172,18 @@ fn scenario(root: &std::path::Path) -> Result<()> {
         .context("root")?
         .to_string();
     let outsider = edges.iter().find(|e| e.zone == "b" && e.running.is_some()).context("b edge")?;
+    // Added under `secret` with no pin at all: the namespace governs reads from m1 at once
+    // (it would otherwise be in `default`, readable by every member, until a pin commits).
+    let f3a = tmp.path().join("f3a");
+    std::fs::write(&f3a, random_bytes(33, 1 << 20))?;
+    let c3a =
+        m1.add(&f3a, &["--namespace", "secret"])?["root"].as_str().context("root")?.to_string();
+    let out3a = tmp.path().join("out3a");
+    let r =
+        outsider.node.run(&["get", &c3a, out3a.to_str().context("utf-8")?, "--timeout", "20"])?;
+    assert_ne!(r.code, 0, "an unpinned object added under secret is not readable");
+    assert!(r.stderr.contains("no read grant on namespace secret"), "why: {}", r.stderr);
+    assert!(!out3a.exists(), "nothing written");
     let out = tmp.path().join("out3");
     let before = stat(&outsider.node, "received_bytes");
     let r = outsider.node.run(&["get", &c3, out.to_str().context("utf-8")?, "--timeout", "20"])?;
@@ -186,6 +198,9 @@ fn scenario(root: &std::path::Path) -> Result<()> {
         (r.code == 0).then_some(())
     })?;
     assert_eq!(file_hash(&out)?, file_hash(&f3)?);
+    // Granted, the unpinned one reads too (positive control).
+    outsider.node.ok(&["get", &c3a, out3a.to_str().context("utf-8")?, "--timeout", "20"])?;
+    assert_eq!(file_hash(&out3a)?, file_hash(&f3a)?);
 
     // 5. a revocation stops a transfer under way (m1 uploads at 2 MiB/s: 24 MiB takes ~12 s).
     let f4 = tmp.path().join("f4");

@@ -133,8 +133,19 @@ pub struct RunOptions {
 }
 
 enum StoreJob {
-    Block { cid: Cid, bytes: Vec<u8> },
-    Root { root: Cid, record: RootRecord },
+    Block {
+        cid: Cid,
+        bytes: Vec<u8>,
+    },
+    Root {
+        root: Cid,
+        record: RootRecord,
+    },
+    /// The namespace a holder serves `root` under (recorded before its blocks).
+    Namespace {
+        root: Cid,
+        namespace: String,
+    },
 }
 
 enum StoreDone {
@@ -149,6 +160,8 @@ struct Job {
     storing: bool,
     /// Replication work: runs without waiters until the plan cancels it.
     keep: bool,
+    /// The namespace a holder said it serves the root under (recorded once).
+    namespace: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -690,6 +703,10 @@ impl Daemon {
                             job.fetch.add_peer(cp, same_zone);
                         }
                     }
+                    Frame::Namespace { req, root, namespace } => {
+                        let Some(root) = exchange::frame_cid(&root) else { return };
+                        self.on_namespace(peer, req, root, namespace);
+                    }
                     Frame::Refused { req, reason } => {
                         tracing::warn!(%peer, "refused: {reason}");
                         let root = self
@@ -721,6 +738,31 @@ impl Daemon {
     }
 
     /// The fetch a request belongs to; forgets the request once every answer is in.
+    /// A holder serves `root` (asked for in `req`) under `namespace`: unless a committed pin
+    /// names one, this node's copy is served under it too. Recorded through the store queue,
+    /// so it commits no later than the blocks that follow it. A stricter namespace than
+    /// `default` is all a peer can impose this way.
+    fn on_namespace(&mut self, peer: PeerId, req: u64, root: Cid, namespace: String) {
+        if self.reqs.get(&req).map(|r| r.0) != Some(root) {
+            return;
+        }
+        if let Err(e) = mycel_policy::access::validate_namespace(&namespace) {
+            tracing::debug!(%peer, "bad namespace for {root}: {e}");
+            return;
+        }
+        let pinned = self.cluster_state().pins.contains_key(root.to_bytes().as_slice());
+        let Some(job) = self.jobs.get_mut(&root) else { return };
+        if pinned || namespace == mycel_policy::access::DEFAULT_NAMESPACE || job.namespace.is_some()
+        {
+            return;
+        }
+        job.namespace = Some(namespace.clone());
+        let tx = self.store_tx.clone();
+        tokio::task::block_in_place(|| {
+            let _ = tx.send(StoreJob::Namespace { root, namespace });
+        });
+    }
+
     fn answered(&mut self, req: u64) -> Option<Cid> {
         let entry = self.reqs.get_mut(&req)?;
         let root = entry.0;
@@ -902,7 +944,7 @@ impl Daemon {
             }
         }
         let waiters = updates.into_iter().collect();
-        self.jobs.insert(root, Job { fetch: f, waiters, storing: false, keep });
+        self.jobs.insert(root, Job { fetch: f, waiters, storing: false, keep, namespace: None });
         self.metrics.fetches_active.set(self.jobs.len() as i64);
         let peers: Vec<PeerId> = self.connected.keys().copied().collect();
         for p in peers {
@@ -1569,6 +1611,7 @@ fn store_worker(store: &Store, rx: &std_mpsc::Receiver<StoreJob>, done: &mpsc::S
                     w.add_root(root, record);
                     finished.push(root);
                 }
+                StoreJob::Namespace { root, namespace } => w.set_namespace(root, &namespace),
             }
             if bytes >= GROUP_BYTES || !finished.is_empty() {
                 break;

@@ -1643,6 +1643,7 @@ impl World {
                 Frame::Refused { reason, .. } => format!("refused {reason}"),
                 Frame::WhoHas { .. } => "whohas".into(),
                 Frame::Holding { complete, .. } => format!("holding {complete}"),
+                Frame::Namespace { namespace, .. } => format!("namespace {namespace}"),
             };
             eprintln!("{} {from}->{to} {} {desc}", self.now, &root.to_string()[50..]);
         }
@@ -1704,6 +1705,9 @@ impl World {
                     f.handle_refused(peer);
                 }
             }
+            // Simulated content is namespaced by its committed pins only (no unpinned
+            // `add --namespace`), so no simulated holder sends this.
+            Frame::Namespace { .. } => {}
         }
     }
 

@@ -25,6 +25,8 @@ pub const ANNOUNCE_ROOTS_MAX: usize = 1024;
 pub const ANNOUNCE_PARTIAL_MAX: usize = 64;
 /// Longest zone name.
 pub const ZONE_BYTES_MAX: usize = 64;
+/// Longest namespace name.
+pub const NAMESPACE_BYTES_MAX: usize = 64;
 
 const _: () = assert!(FRAME_BYTES_MAX >= NODE_BYTES_MAX + 64, "a frame holds the largest block");
 const _: () = assert!(WANT_CIDS_MAX * (Cid::BYTES + 2) + 64 < FRAME_BYTES_MAX);
@@ -84,6 +86,17 @@ pub enum Frame {
         req: u64,
         /// Why.
         reason: String,
+    },
+    /// The namespace whose grants the server applies to `root`, sent before the blocks of a
+    /// want when it is not `default`: a fetcher that holds no pin naming one serves its copy
+    /// under the same namespace.
+    Namespace {
+        /// Request id.
+        req: u64,
+        /// The object.
+        root: CidBytes,
+        /// Its namespace.
+        namespace: String,
     },
 }
 
@@ -151,6 +164,9 @@ impl Frame {
             }
             Frame::Refused { reason, .. } if reason.len() > REASON_BYTES_MAX => {
                 Err(WireError::Limit("reason too long"))
+            }
+            Frame::Namespace { namespace, .. } if namespace.len() > NAMESPACE_BYTES_MAX => {
+                Err(WireError::Limit("namespace too long"))
             }
             _ => Ok(frame),
         }
@@ -246,6 +262,7 @@ mod tests {
             Frame::WhoHas { req: 4, root: c },
             Frame::Holding { req: 5, root: c, complete: true },
             Frame::Refused { req: 6, reason: "no".into() },
+            Frame::Namespace { req: 7, root: c, namespace: "secret".into() },
         ] {
             let bytes = f.encode();
             let len = Frame::check_len(bytes[..4].try_into().unwrap()).unwrap();

@@ -146,6 +146,12 @@ async fn serve_want(
             return stream.flush().await;
         }
     };
+    // Not `default`: the fetcher learns it, so its copy is served under it too.
+    let ns = ctx.access.read().expect("access lock").namespace(&root, local.as_deref()).to_owned();
+    if ns != mycel_policy::access::DEFAULT_NAMESPACE {
+        let root = root.to_bytes();
+        write_frame(stream, &Frame::Namespace { req, root, namespace: ns }).await?;
+    }
     for c in cids {
         // Checked per block: a revocation committed while this want is served stops it.
         let access = ctx.access.read().expect("access lock").clone();

@@ -201,6 +201,16 @@ fn scenario(root: &std::path::Path) -> Result<()> {
     // Granted, the unpinned one reads too (positive control).
     outsider.node.ok(&["get", &c3a, out3a.to_str().context("utf-8")?, "--timeout", "20"])?;
     assert_eq!(file_hash(&out3a)?, file_hash(&f3a)?);
+    // The outsider's copy is served under `secret` too (m1 told it): another ungranted
+    // zone-b edge gets it from neither holder.
+    let third = edges
+        .iter()
+        .find(|e| e.zone == "b" && e.running.is_some() && e.peer != outsider.peer)
+        .context("a second b edge")?;
+    let out3b = tmp.path().join("out3b");
+    let r = third.node.run(&["get", &c3a, out3b.to_str().context("utf-8")?, "--timeout", "20"])?;
+    assert_ne!(r.code, 0, "a copy fetched by a granted member is not served as default");
+    assert!(r.stderr.contains("no read grant on namespace secret"), "why: {}", r.stderr);
 
     // 5. a revocation stops a transfer under way (m1 uploads at 2 MiB/s: 24 MiB takes ~12 s).
     let f4 = tmp.path().join("f4");

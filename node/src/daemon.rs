@@ -173,6 +173,8 @@ struct PeerInfo {
 
 struct Daemon {
     me: PeerId,
+    /// Placement draws kept between replication plans.
+    placement_scores: mycel_policy::placement::ScoreCache,
     dir: DataDir,
     config: NodeConfig,
     store: Arc<Store>,
@@ -315,6 +317,7 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
     let seed =
         u64::from_le_bytes(me.to_bytes()[me.to_bytes().len() - 8..].try_into().expect("8 bytes"));
     let mut d = Daemon {
+        placement_scores: mycel_policy::placement::ScoreCache::default(),
         me,
         dir: dir.clone(),
         announcer: Announcer::new(
@@ -995,6 +998,8 @@ impl Daemon {
             free_bytes: self.free_bytes,
             load: self.jobs.len() as u32,
         };
+        // Taken out while the committed state is borrowed; put back after planning.
+        let mut scores = std::mem::take(&mut self.placement_scores);
         let state = self.cluster_state();
         let size_of = |c: &Cid| held.get(c).copied().unwrap_or(0);
         let pins = crate::replicate::pin_specs(state, &size_of);
@@ -1025,10 +1030,17 @@ impl Daemon {
                     n
                 })
                 .collect();
-            let part = mycel_policy::plan::plan(&specs, &allowed, &settings, unix_ms());
+            let part = mycel_policy::plan::plan_cached(
+                &specs,
+                &allowed,
+                &settings,
+                unix_ms(),
+                &mut scores,
+            );
             plan.actions.extend(part.actions);
             plan.pins.extend(part.pins);
         }
+        self.placement_scores = scores;
         // Reports in committed pin order, as `pins` is.
         let order: BTreeMap<&[u8], usize> =
             pins.iter().enumerate().map(|(i, p)| (p.root.as_slice(), i)).collect();

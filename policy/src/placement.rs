@@ -10,7 +10,7 @@
 //! is taken first (zones in the order of their best node), then the remaining places go by
 //! rank.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 /// A node as placement sees it.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,8 +43,9 @@ pub fn weight(c: &Candidate) -> f64 {
     cap / f64::from(load_class) / f64::from(rtt_class)
 }
 
-/// The rendezvous score of `node` for `root` at `weight`.
-pub fn score(root: &[u8], node: &[u8], weight: f64) -> f64 {
+/// `ln(u)` of the uniform draw `u` in (0, 1) from BLAKE3(root, node): the part of a score
+/// that does not change while the node's weight does.
+fn log_draw(root: &[u8], node: &[u8]) -> f64 {
     let mut h = blake3::Hasher::new();
     h.update(&(root.len() as u64).to_le_bytes());
     h.update(root);
@@ -54,12 +55,59 @@ pub fn score(root: &[u8], node: &[u8], weight: f64) -> f64 {
     x.copy_from_slice(&bytes.as_bytes()[..8]);
     // Uniform in (0, 1): 53 bits, never 0 or 1.
     let u = ((u64::from_le_bytes(x) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-    -weight / u.ln()
+    u.ln()
+}
+
+/// The rendezvous score of `node` for `root` at `weight`.
+pub fn score(root: &[u8], node: &[u8], weight: f64) -> f64 {
+    -weight / log_draw(root, node)
+}
+
+/// Remembered draws, so that planning the same pins over the same nodes again (every plan
+/// period) costs no hashing. Only the draw is kept (weights change with every report); the
+/// result is exactly [`score`]'s. Bounded: past [`ScoreCache::ENTRIES_MAX`] it starts over.
+#[derive(Debug, Default)]
+pub struct ScoreCache {
+    by_root: HashMap<Vec<u8>, HashMap<Vec<u8>, f64>>,
+    entries: usize,
+}
+
+impl ScoreCache {
+    /// Most draws kept (about 100 bytes each).
+    pub const ENTRIES_MAX: usize = 1 << 20;
+
+    /// [`score`], remembered.
+    pub fn score(&mut self, root: &[u8], node: &[u8], weight: f64) -> f64 {
+        if self.entries >= Self::ENTRIES_MAX {
+            self.by_root.clear();
+            self.entries = 0;
+        }
+        let per_root = match self.by_root.get_mut(root) {
+            Some(m) => m,
+            None => self.by_root.entry(root.to_vec()).or_default(),
+        };
+        let ln = match per_root.get(node) {
+            Some(&ln) => ln,
+            None => {
+                let ln = log_draw(root, node);
+                per_root.insert(node.to_vec(), ln);
+                self.entries += 1;
+                ln
+            }
+        };
+        -weight / ln
+    }
 }
 
 /// Indices of `candidates` from best to worst for `root`; ties go to the smaller id.
 pub fn rank(root: &[u8], candidates: &[Candidate]) -> Vec<usize> {
-    let scores: Vec<f64> = candidates.iter().map(|c| score(root, &c.id, weight(c))).collect();
+    let refs: Vec<&Candidate> = candidates.iter().collect();
+    rank_cached(root, &refs, &mut ScoreCache::default())
+}
+
+/// [`rank`] over borrowed candidates, with remembered draws.
+pub fn rank_cached(root: &[u8], candidates: &[&Candidate], cache: &mut ScoreCache) -> Vec<usize> {
+    let scores: Vec<f64> = candidates.iter().map(|c| cache.score(root, &c.id, weight(c))).collect();
     let mut order: Vec<usize> = (0..candidates.len()).collect();
     order.sort_by(|&a, &b| {
         scores[b].total_cmp(&scores[a]).then_with(|| candidates[a].id.cmp(&candidates[b].id))
@@ -69,8 +117,8 @@ pub fn rank(root: &[u8], candidates: &[Candidate]) -> Vec<usize> {
 
 /// Up to `n` of `ranked` (indices into `candidates`), spread across zones: zones not in
 /// `used_zones` first, each by its best node, then the rest by rank.
-pub fn choose(
-    candidates: &[Candidate],
+pub fn choose<C: std::borrow::Borrow<Candidate>>(
+    candidates: &[C],
     ranked: &[usize],
     n: usize,
     used_zones: &BTreeSet<String>,
@@ -81,7 +129,7 @@ pub fn choose(
         if chosen.len() == n {
             return chosen;
         }
-        if zones.insert(candidates[i].zone.clone()) {
+        if zones.insert(candidates[i].borrow().zone.clone()) {
             chosen.push(i);
         }
     }
@@ -139,6 +187,29 @@ mod tests {
         }
         assert!(moved_add < 3000 * 2 / 21, "adding moved {moved_add} of 3000 places");
         assert_eq!(moved_rm, lost, "removing moves only the removed node's places");
+    }
+
+    #[test]
+    fn remembered_scores_are_the_scores() {
+        // The cache keeps draws, not scores: a weight that changed between plans still
+        // counts, and every answer equals the uncached one.
+        let mut cache = ScoreCache::default();
+        let mut nodes: Vec<_> = (0..50).map(|i| node(i, "a")).collect();
+        for round in 0..3u64 {
+            for c in &mut nodes {
+                c.load = (round as u32) * 9;
+            }
+            for root in 0..20u32 {
+                let r = root.to_be_bytes();
+                let refs: Vec<&Candidate> = nodes.iter().collect();
+                assert_eq!(rank_cached(&r, &refs, &mut cache), rank(&r, &nodes));
+                for c in &nodes {
+                    let want = score(&r, &c.id, weight(c));
+                    assert_eq!(cache.score(&r, &c.id, weight(c)).to_bits(), want.to_bits());
+                }
+            }
+        }
+        assert_eq!(cache.entries, 20 * 50, "one draw per root and node");
     }
 
     #[test]

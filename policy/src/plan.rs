@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::placement::{self, Candidate};
+use crate::placement::{self, Candidate, ScoreCache};
 
 /// A pin as the plan needs it (from the committed configuration).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -201,11 +201,23 @@ fn matches_target(n: &Candidate, target: &str) -> bool {
 
 /// The plan for `pins` over `nodes` at `now_ms`.
 pub fn plan(pins: &[PinSpec], nodes: &[NodeState], settings: &Settings, now_ms: u64) -> Plan {
+    plan_cached(pins, nodes, settings, now_ms, &mut ScoreCache::default())
+}
+
+/// [`plan`], keeping placement draws in `cache` for the next plan (a planner that plans
+/// every period keeps one cache; the plan is the same with or without it).
+pub fn plan_cached(
+    pins: &[PinSpec],
+    nodes: &[NodeState],
+    settings: &Settings,
+    now_ms: u64,
+    cache: &mut ScoreCache,
+) -> Plan {
     let mut out = Plan::default();
     let balance = Balance::new(nodes, settings);
     let mut balance_moved = false;
     for pin in pins {
-        let report = plan_pin(pin, nodes, settings, now_ms, &mut out.actions);
+        let report = plan_pin(pin, nodes, settings, now_ms, &mut out.actions, cache);
         if !balance_moved && report.unplaceable.is_none() {
             balance_moved = balance.apply(pin, &report, &mut out.actions);
         }
@@ -222,6 +234,7 @@ fn plan_pin(
     settings: &Settings,
     now_ms: u64,
     actions: &mut Vec<Action>,
+    cache: &mut ScoreCache,
 ) -> PinReport {
     let live: Vec<&NodeState> = nodes.iter().filter(|n| n.alive && n.storage).collect();
     let holds = |n: &NodeState| n.holdings.get(&pin.root).copied();
@@ -237,12 +250,12 @@ fn plan_pin(
         .copied()
         .filter(|n| pin.preposition.iter().any(|t| matches_target(&n.node, t)))
         .collect();
-    let is_target = |n: &NodeState| targets.iter().any(|t| t.node.id == n.node.id);
+    let target_ids: BTreeSet<&[u8]> = targets.iter().map(|t| t.node.id.as_slice()).collect();
+    let is_target = |n: &NodeState| target_ids.contains(n.node.id.as_slice());
     let placed: Vec<&NodeState> = {
+        let eligible_ids: BTreeSet<&[u8]> = eligible.iter().map(|e| e.node.id.as_slice()).collect();
         let mut v: Vec<&NodeState> = eligible.clone();
-        v.extend(
-            targets.iter().copied().filter(|t| !eligible.iter().any(|e| e.node.id == t.node.id)),
-        );
+        v.extend(targets.iter().copied().filter(|t| !eligible_ids.contains(t.node.id.as_slice())));
         v
     };
     let overloaded = |n: &NodeState| n.node.load > settings.overload;
@@ -267,8 +280,8 @@ fn plan_pin(
     }
     let min = pin.replicas_min as usize;
     let max = pin.replicas_max as usize;
-    let cands: Vec<Candidate> = eligible.iter().map(|n| n.node.clone()).collect();
-    let ranked = placement::rank(&pin.root, &cands);
+    let cands: Vec<&Candidate> = eligible.iter().map(|n| &n.node).collect();
+    let ranked = placement::rank_cached(&pin.root, &cands, cache);
     let rank_of = |id: &[u8]| ranked.iter().position(|&i| cands[i].id == id).unwrap_or(usize::MAX);
     let mut unplaceable = None;
     let have = holders.len() + copying.len();
@@ -301,8 +314,14 @@ fn plan_pin(
     // covers fewer zones than it could (placed before a zone's nodes were heard) gains a copy
     // in an uncovered zone; the count then exceeds the maximum (or not) and the release rule
     // takes one from a zone holding two.
-    if unplaceable.is_none() && copying.is_empty() && holders.len() >= min.max(2) {
-        let held_zones: BTreeSet<&str> = holders.iter().map(|n| n.node.zone.as_str()).collect();
+    let held_zones: BTreeSet<&str> = holders.iter().map(|n| n.node.zone.as_str()).collect();
+    // (Only a set with two replicas in one zone can gain from this: checked first, since
+    // the zones left to use take a pass over every candidate.)
+    if unplaceable.is_none()
+        && copying.is_empty()
+        && holders.len() >= min.max(2)
+        && held_zones.len() < holders.len()
+    {
         let usable = |i: usize| !overloaded(eligible[i]) && holds(eligible[i]).is_none();
         let zones: BTreeSet<&str> = ranked
             .iter()

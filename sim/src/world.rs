@@ -370,6 +370,9 @@ pub struct World {
     /// Decoded configurations by the address of their encoded buffer.
     states: BTreeMap<usize, (Rc<Vec<u8>>, Rc<ClusterState>)>,
     checker: Checker,
+    /// Placement draws, shared by every simulated planner (a plan is the same with or
+    /// without them; only the hashing is saved).
+    scores: mycel_policy::placement::ScoreCache,
     trace: blake3::Hasher,
     trace_out: Option<Box<dyn Write>>,
     events: u64,
@@ -586,6 +589,7 @@ impl World {
             initialised: false,
             states: BTreeMap::new(),
             checker: Checker::default(),
+            scores: mycel_policy::placement::ScoreCache::default(),
             trace: blake3::Hasher::new(),
             trace_out,
             events: 0,
@@ -1904,7 +1908,8 @@ impl World {
                     n
                 })
                 .collect();
-            let part = plan::plan(&specs, &allowed, &Settings::default(), local);
+            let part =
+                plan::plan_cached(&specs, &allowed, &Settings::default(), local, &mut self.scores);
             actions.extend(part.actions);
         }
         let p = plan::Plan { actions, pins: Vec::new() };

@@ -10,7 +10,7 @@
 //! is taken first (zones in the order of their best node), then the remaining places go by
 //! rank.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A node as placement sees it.
 #[derive(Clone, Debug, PartialEq)]
@@ -63,13 +63,22 @@ pub fn score(root: &[u8], node: &[u8], weight: f64) -> f64 {
     -weight / log_draw(root, node)
 }
 
+/// One root's draws: node fingerprint -> (node id, ln(u)).
+type Draws = BTreeMap<u64, (Vec<u8>, f64)>;
+
 /// Remembered draws, so that planning the same pins over the same nodes again (every plan
 /// period) costs no hashing. Only the draw is kept (weights change with every report); the
 /// result is exactly [`score`]'s. Bounded: past [`ScoreCache::ENTRIES_MAX`] it starts over.
 #[derive(Debug, Default)]
 pub struct ScoreCache {
-    by_root: HashMap<Vec<u8>, HashMap<Vec<u8>, f64>>,
+    by_root: BTreeMap<Vec<u8>, Draws>,
     entries: usize,
+}
+
+/// A node id's last 8 bytes (PeerIds share their first bytes): an ordered key that compares
+/// as one integer. Hits are checked against the whole id.
+fn fingerprint(node: &[u8]) -> u64 {
+    node.iter().rev().take(8).fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
 }
 
 impl ScoreCache {
@@ -86,11 +95,14 @@ impl ScoreCache {
             Some(m) => m,
             None => self.by_root.entry(root.to_vec()).or_default(),
         };
-        let ln = match per_root.get(node) {
-            Some(&ln) => ln,
+        let key = fingerprint(node);
+        let ln = match per_root.get(&key) {
+            Some((id, ln)) if id.as_slice() == node => *ln,
+            // Another node with the same last 8 bytes: computed, not kept.
+            Some(_) => log_draw(root, node),
             None => {
                 let ln = log_draw(root, node);
-                per_root.insert(node.to_vec(), ln);
+                per_root.insert(key, (node.to_vec(), ln));
                 self.entries += 1;
                 ln
             }

@@ -1118,6 +1118,16 @@ impl Daemon {
         if self.plan.pins.is_empty() {
             keep.extend(state.pins.keys().cloned());
         }
+        // Topology files are small and routers may need them at any moment: the active and
+        // the latest version of every name (and their source bytes) are never evicted.
+        for t in state.topologies.values() {
+            for n in t.active.into_iter().chain(std::iter::once(t.latest())) {
+                if let Some(v) = t.version(n) {
+                    keep.insert(v.root.clone());
+                    keep.insert(v.source.clone());
+                }
+            }
+        }
         keep
     }
 

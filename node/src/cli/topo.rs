@@ -39,7 +39,8 @@ pub(super) enum TopologyCommand {
         /// Which version.
         #[arg(long)]
         version: Option<u64>,
-        /// The source bytes as proposed, comments included (where they are stored).
+        /// The source bytes as proposed, comments included (fetched through the mesh when
+        /// this node lacks them; the proposer's node holds them).
         #[arg(long)]
         source: bool,
         /// Render in this format (json, yaml, toml) [default: canonical JSON].
@@ -407,14 +408,14 @@ fn show(
         .or_else(|| v["latest"].as_u64().filter(|l| *l > 0))
         .ok_or_else(|| Failure::new(EXIT_NOT_FOUND, format!("{name} has no versions")))?;
     let entry = version_entry(&v, name, number)?;
-    let cid = entry["cid"].as_str().unwrap_or_default().to_owned();
+    // The source bytes are an object of their own (a file), named by the committed version:
+    // fetched through the mesh from a node that holds them (the proposer's) when missing.
+    let key = if source { "source_cid" } else { "cid" };
+    let cid = entry[key].as_str().unwrap_or_default().to_owned();
     ensure_local(ctx, &cid)?;
     let mut args = vec!["get".to_owned(), cid.clone(), "-".to_owned()];
     if let Some(f) = &format {
         args.extend(["--format".to_owned(), f.clone()]);
-    }
-    if source {
-        args.push("--source".into());
     }
     let bytes = in_daemon(ctx, args)?;
     if ctx.json {

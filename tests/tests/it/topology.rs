@@ -299,6 +299,9 @@ fn scenario(root: &Path) -> Result<()> {
     anyhow::ensure!(blake3::hash(&shown).to_hex().to_string() == lab, "show --format yaml");
     let source = m1.ok(&["topology", "show", "lab", "--source"])?.stdout;
     anyhow::ensure!(source == std::fs::read(configs().join("lab.yaml"))?, "show --source");
+    // A router holds only the canonical form: it fetches the source from the proposer.
+    let source = routers[3].node.ok(&["topology", "show", "lab", "--source"])?.stdout;
+    anyhow::ensure!(source == std::fs::read(configs().join("lab.yaml"))?, "router show --source");
     // Status on a manager: every router in sync on version 1.
     wait_for(30, "status: five routers in sync", || {
         let v = m1.run(&["topology", "status", "backbone", "--json"]).ok()?.json().ok()?;

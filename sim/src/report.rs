@@ -30,6 +30,32 @@ pub struct Convergence {
     pub config_ms: Option<u64>,
     /// Every pin at its minimum replicas and every pre-position complete.
     pub replicas_ms: Option<u64>,
+    /// Every live router applied the active version of its topology file, and no version
+    /// waits for activation (runs with routers).
+    pub topology_ms: Option<u64>,
+}
+
+/// What a run with routers did to their topology file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TopologyStats {
+    /// Routers in the fleet.
+    pub routers: u32,
+    /// Stage proposals made by routers.
+    pub proposed: u64,
+    /// Versions committed (the latest version number seen in a manager's state).
+    pub staged: u64,
+    /// Distinct activations committed (canary starts included).
+    pub activations: u64,
+    /// Rollbacks proposed (a manager activating an earlier version).
+    pub rollbacks: u64,
+    /// Decisions the leaders' deciders proposed.
+    pub decisions: u64,
+    /// Activations applied by routers (hook run).
+    pub applies: u64,
+    /// Canary hooks that failed (the previous file restored).
+    pub hook_failures: u64,
+    /// Apply records lost in a crash before they were synced.
+    pub records_lost: u64,
 }
 
 /// The outcome of one run.
@@ -67,6 +93,8 @@ pub struct Report {
     pub convergence: Convergence,
     /// Every broken property (the first ones; bounded).
     pub violations: Vec<Violation>,
+    /// The router fleet's topology file, in runs with routers.
+    pub topology: Option<TopologyStats>,
     /// BLAKE3 over every event.
     pub trace_hash: String,
     /// The commit.
@@ -113,6 +141,21 @@ impl Report {
             ms(self.convergence.config_ms),
             ms(self.convergence.replicas_ms)
         );
+        if let Some(t) = &self.topology {
+            s += &format!(
+                "  topology: {} routers, {} proposed, {} staged, {} activations ({} rollbacks proposed, {} leader decisions), {} applies, {} hook failures, {} apply records lost; converged {}\n",
+                t.routers,
+                t.proposed,
+                t.staged,
+                t.activations,
+                t.rollbacks,
+                t.decisions,
+                t.applies,
+                t.hook_failures,
+                t.records_lost,
+                ms(self.convergence.topology_ms)
+            );
+        }
         s += &format!("  trace {}\n", self.trace_hash);
         if self.violations.is_empty() {
             s += "  every check passed\n";

@@ -175,6 +175,44 @@ impl Default for Workload {
     }
 }
 
+/// Routers sharing a topology file, and the changes proposed to it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Topology {
+    /// Members with the router role (the last nodes of the fleet), subscribed to `name`.
+    pub routers: u32,
+    /// The topology name.
+    pub name: String,
+    /// Versions proposed by routers during the faulty phase.
+    pub versions: u32,
+    /// Rollbacks during the faulty phase: a manager activates an earlier version.
+    pub rollbacks: u32,
+    /// Canary: the routers of the first zone holding routers take each version first.
+    pub canary: bool,
+    /// Roll a canary back when more than this percentage of its hooks fail.
+    pub canary_fail_pct: u32,
+    /// Probability (percent) that a canary router's hook fails during the faulty phase.
+    pub hook_fail_pct: u32,
+    /// Swarm mode with a drawn node count: the share (percent) of seeds that draw routers
+    /// and a topology workload (when `routers` is 0).
+    pub swarm_pct: u32,
+}
+
+impl Default for Topology {
+    fn default() -> Topology {
+        Topology {
+            routers: 0,
+            name: "fleet".into(),
+            versions: 4,
+            rollbacks: 1,
+            canary: false,
+            canary_fail_pct: 50,
+            hook_fail_pct: 0,
+            swarm_pct: 0,
+        }
+    }
+}
+
 /// How faults are chosen.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -200,7 +238,7 @@ pub struct Step {
     /// The node (by index), for node faults; `-1` or absent with `role` picks one.
     #[serde(default)]
     pub node: Option<u32>,
-    /// Pick a live node of this role (`manager`, `edge`) when `node` is absent.
+    /// Pick a live node of this role (`manager`, `edge`, `router`) when `node` is absent.
     #[serde(default)]
     pub role: Option<String>,
     /// The other node of a one-way cut.
@@ -262,6 +300,8 @@ pub struct Scenario {
     pub workload: Workload,
     /// The fault plan.
     pub faults: Faults,
+    /// Routers and their topology file.
+    pub topology: Topology,
     /// How often nodes announce what they hold.
     pub announce_period: Millis,
     /// How often nodes run the replication plan.
@@ -285,6 +325,7 @@ impl Default for Scenario {
             links: Links::default(),
             workload: Workload::default(),
             faults: Faults::default(),
+            topology: Topology::default(),
             announce_period: Millis(5_000),
             plan_period: Millis(5_000),
         }
@@ -383,6 +424,24 @@ impl Scenario {
         }
         if w.restricted_pct > 100 {
             return bad("restricted_pct is a percentage".into());
+        }
+        let t = &self.topology;
+        if t.routers > 0 && self.nodes < self.managers + t.routers + self.eligible.max(1) {
+            return bad(format!(
+                "{} routers leave no edge: nodes must be at least managers + routers + max(eligible, 1)",
+                t.routers
+            ));
+        }
+        if let Err(e) = mycel_consensus::topology::validate_name(&t.name) {
+            return bad(format!("topology: {e}"));
+        }
+        if t.versions > 1_000 || t.rollbacks > 1_000 {
+            return bad("topology: at most 1000 versions and 1000 rollbacks".into());
+        }
+        if t.canary_fail_pct > 100 || t.hook_fail_pct > 100 || t.swarm_pct > 100 {
+            return bad(
+                "topology: canary_fail_pct, hook_fail_pct and swarm_pct are percentages".into()
+            );
         }
         if self.announce_period.0 < 100 || self.plan_period.0 < 100 {
             return bad("announce and plan periods must be at least 100ms".into());

@@ -16,11 +16,13 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::io::Write;
 use std::rc::Rc;
 
+use ed25519_dalek::SigningKey;
 use mycel_chunker::Cid;
 use mycel_consensus::command::{Command, Grant, Member, Pin, Proposal, Role};
 use mycel_consensus::heal::ELIGIBLE_TAG;
 use mycel_consensus::log::MemBackend;
 use mycel_consensus::state::{ClusterState, Outcome};
+use mycel_consensus::topology::{self as topo, Decider};
 use mycel_consensus::{
     Config as CoreConfig, Core, FatalError, Output, ProposeError, Timestamp as CoreTime,
 };
@@ -39,6 +41,8 @@ use crate::check::Checker;
 use crate::content::{self, Pool};
 use crate::report::{COMMIT, Convergence, Report};
 use crate::scenario::{FaultMode, Mix, Scenario, Step};
+
+mod routers;
 
 /// Raft tick.
 const TICK_MS: u64 = 100;
@@ -103,6 +107,8 @@ impl std::fmt::Debug for Options {
 enum Kind {
     Manager,
     Edge,
+    /// A member with the router role, subscribed to the scenario's topology name.
+    Router,
     /// Not a member: tries to fetch anyway.
     Outsider,
 }
@@ -136,10 +142,14 @@ enum Purpose {
     State,
     /// Content of a namespace this node may not read (it must be refused).
     Curious(u64),
+    /// A version of a topology file this router needs.
+    Topology,
 }
 
 struct Node {
     peer: PeerId,
+    /// The ed25519 secret key inside the PeerId (it signs topology proposals).
+    secret: [u8; 32],
     zone: String,
     zone_ix: usize,
     tags: Vec<String>,
@@ -176,6 +186,12 @@ struct Node {
     encoded: Option<(u64, Rc<Vec<u8>>)>,
     /// Peers disconnected for misbehaving, until this local time.
     banned: BTreeMap<PeerId, u64>,
+    /// A router's applied topology and reports.
+    router: routers::RouterState,
+    /// A node running a consensus core: its topology decider (volatile) and the routers'
+    /// reports it heard, with the local time they arrived.
+    decider: Option<Decider>,
+    reports: BTreeMap<usize, (u64, routers::Report)>,
 }
 
 impl std::fmt::Debug for Node {
@@ -233,6 +249,8 @@ enum Msg {
     Ping(u64),
     Pong(u64),
     Report(u64),
+    /// A router's topology report to a manager.
+    Topology(routers::Report),
     /// An exchange frame on the stream serving `root` (length prefix included).
     Frame {
         root: Cid,
@@ -261,6 +279,7 @@ impl Msg {
             Msg::Pong(_) => 7,
             Msg::Report(_) => 8,
             Msg::Frame { .. } => 9,
+            Msg::Topology(_) => 10,
         }
     }
 
@@ -301,13 +320,24 @@ enum Fault {
 #[derive(Debug)]
 enum Ev {
     Timer(usize),
-    Deliver { from: usize, to: usize, msg: Msg },
-    Gossip { from: usize, bytes: Rc<Vec<u8>> },
+    Deliver {
+        from: usize,
+        to: usize,
+        msg: Msg,
+    },
+    Gossip {
+        from: usize,
+        bytes: Rc<Vec<u8>>,
+    },
     Fault(Fault),
     Publish(u32),
     Preposition(u32),
     Curious,
     Outsider(usize),
+    /// A router proposes version `k` of the topology file.
+    TopologyPropose(u32),
+    /// A manager activates an earlier version.
+    TopologyRollback,
     Heal,
     Converge,
 }
@@ -383,6 +413,10 @@ pub struct World {
     done: bool,
     bugs: u32,
     bitflips_left: u32,
+    /// The scenario's hash as given (before the seed's draws change it).
+    scenario_hash: String,
+    /// The router fleet and its topology file, if the scenario has routers.
+    topo: Option<routers::Fleet>,
 }
 
 impl std::fmt::Debug for World {
@@ -391,12 +425,13 @@ impl std::fmt::Debug for World {
     }
 }
 
-fn peer_of(seed: u64, idx: usize) -> PeerId {
-    // A libp2p-shaped PeerId: identity multihash header, then 32 bytes.
-    let mut b = vec![0x00, 0x24, 0x08, 0x01, 0x12, 0x20];
-    let h = blake3::hash(format!("mycel-sim node {idx} of seed {seed}").as_bytes());
-    b.extend_from_slice(h.as_bytes());
-    PeerId::from_bytes(&b).expect("38 bytes")
+/// Node `idx`'s ed25519 secret key (drawn from the seed) and its PeerId: the identity
+/// multihash of the public key, as libp2p writes it, so managers can verify what it signs.
+fn peer_of(seed: u64, idx: usize) -> (PeerId, [u8; 32]) {
+    let secret =
+        *blake3::hash(format!("mycel-sim node {idx} of seed {seed}").as_bytes()).as_bytes();
+    let public = SigningKey::from_bytes(&secret).verifying_key().to_bytes();
+    (PeerId::from_bytes(&topo::peer_of_key(&public)).expect("38 bytes"), secret)
 }
 
 fn role_name(r: Role) -> &'static str {
@@ -457,8 +492,10 @@ fn set_bugs(_bugs: u32) {}
 
 impl World {
     fn new(seed: u64, mut sc: Scenario, trace_out: Option<Box<dyn Write>>, bugs: u32) -> World {
+        let scenario_hash = sc.hash();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        if sc.nodes_max > sc.nodes {
+        let drawn = sc.nodes_max > sc.nodes;
+        if drawn {
             sc.nodes = rng.gen_range(sc.nodes..=sc.nodes_max);
             if sc.nodes >= 8 && rng.gen_bool(0.4) {
                 sc.managers = 5;
@@ -471,6 +508,10 @@ impl World {
             FaultMode::Scripted => Mix::scripted(&sc.faults),
             FaultMode::None => Mix::default(),
         };
+        if drawn && sc.topology.routers == 0 && sc.faults.mode == FaultMode::Swarm {
+            routers::draw(&mut rng, &mut sc);
+        }
+        let routers = sc.topology.routers as usize;
         let zones: Vec<String> = sc.zones.iter().map(|z| z.name.clone()).collect();
         let members = sc.nodes as usize;
         let total = members + mix.outsiders as usize;
@@ -482,8 +523,10 @@ impl World {
         for idx in 0..total {
             let kind = if idx < managers {
                 Kind::Manager
-            } else if idx < members {
+            } else if idx < members - routers {
                 Kind::Edge
+            } else if idx < members {
+                Kind::Router
             } else {
                 Kind::Outsider
             };
@@ -506,13 +549,14 @@ impl World {
             if kind == Kind::Edge && idx < managers + sc.eligible as usize {
                 tags.push(ELIGIBLE_TAG.to_string());
             }
-            let peer = peer_of(seed, idx);
+            let (peer, secret) = peer_of(seed, idx);
             let skew_ms = if mix.skew_ms > 0 { rng.gen_range(0..=mix.skew_ms) } else { 0 };
             let drift_ppm = if mix.drift_ppm > 0 { rng.gen_range(0..=mix.drift_ppm) } else { 0 };
             let zone = zones[zone_ix].clone();
             let local0 = skew_ms;
             nodes.push(Node {
                 peer,
+                secret,
                 zone: zone.clone(),
                 zone_ix,
                 tags,
@@ -552,11 +596,14 @@ impl World {
                 pending_acks: BTreeMap::new(),
                 encoded: None,
                 banned: BTreeMap::new(),
+                router: routers::RouterState::default(),
+                decider: None,
+                reports: BTreeMap::new(),
             });
         }
         // Hostile members: edges that are neither eligible nor managers.
         let mut candidates: Vec<usize> =
-            (managers + sc.eligible as usize..members).collect::<Vec<_>>();
+            (managers + sc.eligible as usize..members - routers).collect::<Vec<_>>();
         candidates.shuffle(&mut rng);
         for (n, idx) in candidates.iter().take(mix.hostile as usize).enumerate() {
             nodes[*idx].hostility =
@@ -599,6 +646,8 @@ impl World {
             done: false,
             bugs,
             bitflips_left: 0,
+            scenario_hash,
+            topo: (routers > 0).then(|| routers::Fleet::new(&sc.topology.name, routers as u32)),
             sc,
         };
         w.bootstrap();
@@ -644,9 +693,17 @@ impl World {
             commands.push(Command::AddMember(Member {
                 peer: n.peer.as_bytes().to_vec(),
                 raft_id: 0,
-                role: if n.kind == Kind::Manager { Role::Manager } else { Role::Edge },
+                role: match n.kind {
+                    Kind::Manager => Role::Manager,
+                    Kind::Router => Role::Router,
+                    _ => Role::Edge,
+                },
                 zone: n.zone.clone(),
-                tags: n.tags.clone(),
+                tags: if n.kind == Kind::Router {
+                    vec![topo::subscription_tag(&self.sc.topology.name)]
+                } else {
+                    n.tags.clone()
+                },
                 capacity_bytes: CAPACITY_BYTES,
                 addrs: vec![],
             }));
@@ -665,6 +722,7 @@ impl World {
                 namespace: format!("ns-{z}"),
             }));
         }
+        commands.extend(self.topology_bootstrap());
         self.init = commands.clone();
         self.nodes[0].proposals.push_back((commands, Vec::new()));
         for i in 0..self.nodes.len() {
@@ -727,6 +785,17 @@ impl World {
             let at = self.rng.gen_range(lo..hi);
             self.push(at, Ev::Outsider(i));
         }
+        if self.topo.is_some() {
+            let t = self.sc.topology.clone();
+            for k in 0..t.versions {
+                let at = self.rng.gen_range(lo..d.max(lo + 1));
+                self.push(at, Ev::TopologyPropose(k));
+            }
+            for _ in 0..t.rollbacks {
+                let at = self.rng.gen_range(hi / 2..d.max(hi / 2 + 1));
+                self.push(at, Ev::TopologyRollback);
+            }
+        }
     }
 
     fn schedule_faults(&mut self) {
@@ -780,6 +849,7 @@ impl World {
         let role = match s.role.as_deref() {
             Some("manager") => Some(Kind::Manager),
             Some("edge") => Some(Kind::Edge),
+            Some("router") => Some(Kind::Router),
             _ => None,
         };
         let len = s.duration.map_or(5_000, |d| d.0);
@@ -867,6 +937,8 @@ impl World {
             Ev::Preposition(k) => self.publish(k, true),
             Ev::Curious => self.curious(),
             Ev::Outsider(i) => self.outsider(i),
+            Ev::TopologyPropose(k) => self.topology_propose(k),
+            Ev::TopologyRollback => self.topology_rollback(),
             Ev::Heal => self.heal(),
             Ev::Converge => self.converge(),
         }
@@ -882,6 +954,9 @@ impl World {
     /// messages in a large fleet).
     fn after_step(&mut self, i: usize, core: bool) {
         self.drain(i);
+        if core && self.topo.is_some() && self.nodes[i].core.is_some() {
+            self.observe_topology(i);
+        }
         let n = &mut self.nodes[i];
         if n.live() {
             if let Some(c) = n.core.as_ref().filter(|_| core) {
@@ -1198,6 +1273,10 @@ impl World {
         for c in stale {
             self.nodes[i].fetches.remove(&c);
         }
+        if self.topo.is_some() {
+            self.router_tick(i, local);
+            self.manager_topology_tick(i, local);
+        }
     }
 
     /// Managers as node indexes, from `i`'s view (the bootstrap managers before it has one).
@@ -1488,7 +1567,7 @@ impl World {
                             self.fatal(i, res);
                         }
                     }
-                    Some(Purpose::Replica) | Some(Purpose::Curious(_))
+                    Some(Purpose::Replica | Purpose::Curious(_) | Purpose::Topology)
                         if content::object_blocks(&self.nodes[i].store, &r).is_some() =>
                     {
                         self.nodes[i].complete.insert(r);
@@ -1567,6 +1646,11 @@ impl World {
                 }
             }
             Msg::Frame { root, bytes } => self.on_frame(from, to, root, &bytes, local),
+            Msg::Topology(r) => {
+                if self.nodes[to].core.is_some() && self.is_member(to, from) {
+                    self.nodes[to].reports.insert(from, (local, r));
+                }
+            }
         }
     }
 
@@ -1963,6 +2047,7 @@ impl World {
         }
         let w = self.sc.workload.clone();
         let origins: Vec<usize> = (self.sc.managers as usize..self.members)
+            .filter(|&j| self.nodes[j].kind == Kind::Edge)
             .filter(|&j| self.nodes[j].live() && self.nodes[j].hostility == Hostility::Honest)
             .collect();
         let Some(&origin) = origins.choose(&mut self.rng) else { return };
@@ -2015,6 +2100,7 @@ impl World {
         let Some(p) = restricted.choose(&mut self.rng).cloned() else { return };
         let zone = p.zone.clone().unwrap_or_default();
         let cands: Vec<usize> = (self.sc.managers as usize..self.members)
+            .filter(|&j| self.nodes[j].kind == Kind::Edge)
             .filter(|&j| self.nodes[j].live() && self.nodes[j].zone != zone)
             .collect();
         let Some(&i) = cands.choose(&mut self.rng) else { return };
@@ -2173,6 +2259,15 @@ impl World {
         n.banned.clear();
         n.timer_at = u64::MAX;
         n.paused_until = 0;
+        n.decider = None;
+        n.reports.clear();
+        // An apply record not yet synced is lost (the rename was not yet durable: the
+        // previous file and record are back).
+        if n.router.crash()
+            && let Some(f) = self.topo.as_mut()
+        {
+            f.stats.records_lost += 1;
+        }
         self.record("crash", i as u64, 0);
     }
 
@@ -2193,6 +2288,9 @@ impl World {
             Timestamp(local),
             seed,
         );
+        // As the daemon does: sequence numbers start at the start time, so peers that
+        // remember a higher number from before the crash do not ignore the new ones.
+        n.announcer.start_seq_at(local);
         n.directory = Directory::new(3 * self.sc.announce_period.0);
         n.next_housekeeping = local;
         n.next_plan = local + 1_000;
@@ -2341,9 +2439,31 @@ impl World {
                 Some(_) => {}
             }
         }
+        if let (Some(config_ms), true, None) =
+            (self.conv.config_ms, self.topo.is_some(), self.conv.topology_ms)
+        {
+            match self.topology_short() {
+                None => self.conv.topology_ms = Some(since),
+                Some(why) if since > config_ms + routers::HEAL_TOPOLOGY_MS => {
+                    let now = self.now;
+                    self.checker.fail(
+                        now,
+                        "liveness:topology",
+                        format!(
+                            "{} s after the configuration converged: {why}",
+                            routers::HEAL_TOPOLOGY_MS / 1000
+                        ),
+                    );
+                    self.done = true;
+                    return;
+                }
+                Some(_) => {}
+            }
+        }
         if self.conv.leader_ms.is_some()
             && self.conv.config_ms.is_some()
             && self.conv.replicas_ms.is_some()
+            && (self.topo.is_none() || self.conv.topology_ms.is_some())
         {
             self.done = true;
             return;
@@ -2576,7 +2696,7 @@ impl World {
         Report {
             seed: self.seed,
             scenario: self.sc.name.clone(),
-            scenario_hash: self.sc.hash(),
+            scenario_hash: self.scenario_hash.clone(),
             nodes: self.nodes.len() as u32,
             simulated_ms: self.now,
             events: self.events,
@@ -2590,6 +2710,7 @@ impl World {
             faults: self.faults.clone(),
             convergence: self.conv.clone(),
             violations,
+            topology: self.topo.as_ref().map(|t| t.stats.clone()),
             trace_hash: self.trace.finalize().to_hex().to_string(),
             commit: COMMIT.into(),
         }

@@ -93,6 +93,14 @@ pub struct Report {
     pub convergence: Convergence,
     /// Every broken property (the first ones; bounded).
     pub violations: Vec<Violation>,
+    /// Replicas released by plans (the copy dropped).
+    pub releases: u64,
+    /// Reads of another zone's namespace completed under a temporary grant.
+    pub granted_reads: u64,
+    /// Pre-position deadlines met (checked, or complete before they came).
+    pub deadlines_met: u64,
+    /// Pre-position deadlines too soon after the heal for the healed network to meet.
+    pub deadlines_not_required: u64,
     /// The router fleet's topology file, in runs with routers.
     pub topology: Option<TopologyStats>,
     /// BLAKE3 over every event.
@@ -128,7 +136,15 @@ impl Report {
             self.messages,
             self.bytes
         );
-        s += &format!("  pins {}, acknowledged proposals {}\n", self.pins, self.acknowledged);
+        s += &format!(
+            "  pins {}, acknowledged proposals {}, replicas released {}, reads under temporary grants {}, pre-position deadlines met {} (not required {})\n",
+            self.pins,
+            self.acknowledged,
+            self.releases,
+            self.granted_reads,
+            self.deadlines_met,
+            self.deadlines_not_required
+        );
         let faults: Vec<String> = self.faults.iter().map(|(k, v)| format!("{k}={v}")).collect();
         s += &format!(
             "  faults: {}\n",

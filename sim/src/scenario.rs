@@ -157,6 +157,11 @@ pub struct Workload {
     pub preposition_kib: u32,
     /// Attempts by edges to fetch content of a namespace they may not read.
     pub curious_fetches: u32,
+    /// Temporary grants: an edge may read another zone's namespace for a while (it fetches
+    /// from it), then the grant is revoked.
+    pub grants: u32,
+    /// Pre-position deadline after the publish (0: none).
+    pub preposition_deadline: Millis,
 }
 
 impl Default for Workload {
@@ -171,6 +176,8 @@ impl Default for Workload {
             prepositions: 0,
             preposition_kib: 1024,
             curious_fetches: 4,
+            grants: 0,
+            preposition_deadline: Millis(0),
         }
     }
 }
@@ -417,7 +424,11 @@ impl Scenario {
         if w.replicas_min == 0 || w.replicas_min > w.replicas_max {
             return bad("replicas must satisfy 1 <= min <= max".into());
         }
-        if w.objects > 10_000 || w.prepositions > 100 || w.preposition_kib > 256 * 1024 {
+        if w.objects > 10_000
+            || w.grants > 1_000
+            || w.prepositions > 100
+            || w.preposition_kib > 256 * 1024
+        {
             return bad(
                 "workload over its bounds (10000 objects, 100 pre-positions of 256 MiB)".into()
             );

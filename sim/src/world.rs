@@ -42,6 +42,7 @@ use crate::content::{self, Pool};
 use crate::report::{COMMIT, Convergence, Report};
 use crate::scenario::{FaultMode, Mix, Scenario, Step};
 
+mod grants;
 mod routers;
 
 /// Raft tick.
@@ -338,6 +339,10 @@ enum Ev {
     TopologyPropose(u32),
     /// A manager activates an earlier version.
     TopologyRollback,
+    /// Temporary grant `k`: granted, used, revoked.
+    Grant(u32),
+    GrantedFetch(u32),
+    Revoke(u32),
     Heal,
     Converge,
 }
@@ -413,6 +418,17 @@ pub struct World {
     done: bool,
     bugs: u32,
     bitflips_left: u32,
+    /// Temporary grants of the workload, and (grantee, namespace) pairs revoked.
+    grants: BTreeMap<u32, grants::TempGrant>,
+    revoked: BTreeSet<(Vec<u8>, String)>,
+    /// Replicas released (copies dropped).
+    releases: u64,
+    /// Reads of another zone's namespace that completed (under a temporary grant).
+    granted_reads: u64,
+    /// Pre-position deadlines, and how many were met and how many fell too early after
+    /// the heal to be required.
+    deadlines: Vec<grants::DeadlineRec>,
+    deadline_counts: (u64, u64),
     /// The scenario's hash as given (before the seed's draws change it).
     scenario_hash: String,
     /// The router fleet and its topology file, if the scenario has routers.
@@ -647,6 +663,12 @@ impl World {
             bugs,
             bitflips_left: 0,
             scenario_hash,
+            grants: BTreeMap::new(),
+            revoked: BTreeSet::new(),
+            releases: 0,
+            granted_reads: 0,
+            deadlines: Vec::new(),
+            deadline_counts: (0, 0),
             topo: (routers > 0).then(|| routers::Fleet::new(&sc.topology.name, routers as u32)),
             sc,
         };
@@ -776,6 +798,10 @@ impl World {
         for k in 0..w.prepositions {
             let at = self.rng.gen_range(lo..hi);
             self.push(at, Ev::Preposition(k));
+        }
+        for k in 0..w.grants {
+            let at = self.rng.gen_range(lo..hi);
+            self.push(at, Ev::Grant(k));
         }
         for _ in 0..w.curious_fetches {
             let at = self.rng.gen_range(hi / 2..hi.max(hi / 2 + 1) + d / 4);
@@ -939,6 +965,9 @@ impl World {
             Ev::Outsider(i) => self.outsider(i),
             Ev::TopologyPropose(k) => self.topology_propose(k),
             Ev::TopologyRollback => self.topology_rollback(),
+            Ev::Grant(k) => self.grant(k),
+            Ev::GrantedFetch(k) => self.granted_fetch(k),
+            Ev::Revoke(k) => self.revoke(k),
             Ev::Heal => self.heal(),
             Ev::Converge => self.converge(),
         }
@@ -1567,9 +1596,12 @@ impl World {
                             self.fatal(i, res);
                         }
                     }
-                    Some(Purpose::Replica | Purpose::Curious(_) | Purpose::Topology)
+                    Some(p @ (Purpose::Replica | Purpose::Curious(_) | Purpose::Topology))
                         if content::object_blocks(&self.nodes[i].store, &r).is_some() =>
                     {
+                        if matches!(p, Purpose::Curious(_)) {
+                            self.granted_reads += 1;
+                        }
                         self.nodes[i].complete.insert(r);
                         let local = self.nodes[i].local(self.now);
                         self.nodes[i].announcer.announce_soon(Timestamp(local));
@@ -1847,7 +1879,15 @@ impl World {
                         let latest_ok = self
                             .latest()
                             .is_some_and(|st| Self::may_read(st, fpeer.as_bytes(), &root_cid));
-                        if !latest_ok {
+                        let ns = Self::namespace(self.nodes[s].view(), &root_cid);
+                        if self.served_after_revocation(f, &ns) {
+                            let now = self.now;
+                            self.checker.fail(
+                                now,
+                                "safety:served-after-revocation",
+                                format!("node {s} served {root_cid} of {ns} to node {f} after the revocation of its grant committed there"),
+                            );
+                        } else if !latest_ok {
                             let now = self.now;
                             self.checker.fail(
                                 now,
@@ -1990,6 +2030,7 @@ impl World {
         let p = plan::Plan { actions, pins: Vec::new() };
         let mut start = Vec::new();
         let mut cancel = Vec::new();
+        let mut release = Vec::new();
         for a in p.for_node(&me) {
             match a {
                 plan::Action::Fetch { root, .. } => {
@@ -2002,7 +2043,11 @@ impl World {
                         cancel.push(c);
                     }
                 }
-                plan::Action::Release { .. } => {}
+                plan::Action::Release { root, .. } => {
+                    if let Ok(c) = Cid::from_bytes(root) {
+                        release.push(c);
+                    }
+                }
             }
         }
         self.nodes[i].last_plan = Some(digest);
@@ -2010,6 +2055,9 @@ impl World {
             if matches!(self.nodes[i].fetches.get(&c), Some((_, Purpose::Replica))) {
                 self.nodes[i].fetches.remove(&c);
             }
+        }
+        for c in release {
+            self.release(i, c);
         }
         for c in start {
             if !self.nodes[i].complete.contains(&c) && !self.nodes[i].fetches.contains_key(&c) {
@@ -2079,8 +2127,20 @@ impl World {
             zones: if restricted { vec![zone.clone()] } else { vec![] },
             tags: vec![],
             preposition: if preposition { vec![zone.clone()] } else { vec![] },
-            deadline_ms: 0,
+            deadline_ms: if preposition && w.preposition_deadline.0 > 0 {
+                local + w.preposition_deadline.0
+            } else {
+                0
+            },
         };
+        if pin.deadline_ms > 0 {
+            self.deadlines.push(grants::DeadlineRec {
+                root: obj.root,
+                at: self.nodes[origin].global(pin.deadline_ms),
+                len: obj.len,
+                done: false,
+            });
+        }
         self.pin_by_root.insert(obj.root, self.pins.len());
         self.pins.push(PinRec { root: obj.root, namespace, zone: restricted.then_some(zone) });
         self.nodes[origin].proposals.push_back((vec![Command::AddPin(pin)], vec![obj.root]));
@@ -2439,6 +2499,7 @@ impl World {
                 Some(_) => {}
             }
         }
+        self.check_deadlines();
         if let (Some(config_ms), true, None) =
             (self.conv.config_ms, self.topo.is_some(), self.conv.topology_ms)
         {
@@ -2493,12 +2554,24 @@ impl World {
     /// Why some acknowledged pin is below its minimum (or a pre-position incomplete), from
     /// what nodes really hold.
     fn replicas_short(&self) -> Option<String> {
-        let leader = self.agreed_leader()?;
+        self.pins_short(None)
+    }
+
+    /// [`World::replicas_short`] for the pre-position of `root` alone.
+    fn preposition_short(&self, root: &Cid) -> Option<String> {
+        self.pins_short(Some(root))
+    }
+
+    fn pins_short(&self, only: Option<&Cid>) -> Option<String> {
+        let Some(leader) = self.agreed_leader() else {
+            return Some("no agreed leader".into());
+        };
         let state = self.nodes[leader].core.as_ref()?.state();
         let pins: Vec<PinSpec> = state
             .pins
             .values()
             .filter(|p| Cid::from_bytes(&p.root).is_ok_and(|c| self.acked_pins.contains(&c)))
+            .filter(|p| only.is_none_or(|o| o.to_bytes()[..] == p.root[..]))
             .map(|p| PinSpec {
                 root: p.root.clone(),
                 replicas_min: p.replicas_min,
@@ -2711,6 +2784,10 @@ impl World {
             convergence: self.conv.clone(),
             violations,
             topology: self.topo.as_ref().map(|t| t.stats.clone()),
+            releases: self.releases,
+            granted_reads: self.granted_reads,
+            deadlines_met: self.deadline_counts.0,
+            deadlines_not_required: self.deadline_counts.1,
             trace_hash: self.trace.finalize().to_hex().to_string(),
             commit: COMMIT.into(),
         }

@@ -95,7 +95,8 @@ pub struct Report {
     pub violations: Vec<Violation>,
     /// Replicas released by plans (the copy dropped).
     pub releases: u64,
-    /// Reads of another zone's namespace completed under a temporary grant.
+    /// Reads of another zone's namespace that completed: under a temporary grant, or in the
+    /// known window before the pin reaches the server's view (docs/sim.md, known limits).
     pub granted_reads: u64,
     /// Pre-position deadlines met (checked, or complete before they came).
     pub deadlines_met: u64,
@@ -137,7 +138,7 @@ impl Report {
             self.bytes
         );
         s += &format!(
-            "  pins {}, acknowledged proposals {}, replicas released {}, reads under temporary grants {}, pre-position deadlines met {} (not required {})\n",
+            "  pins {}, acknowledged proposals {}, replicas released {}, reads of another zone's namespace {}, pre-position deadlines met {} (not required {})\n",
             self.pins,
             self.acknowledged,
             self.releases,

@@ -519,6 +519,10 @@ pub struct Mix {
     pub fsync_failures_per_min: f64,
     /// Read errors: probability per served block.
     pub read_error: f64,
+    /// Write errors: probability per fetched block written.
+    pub write_error: f64,
+    /// Crashes lose or tear the writes not yet synced.
+    pub torn_writes: bool,
     /// Probability that a voter crashes right after granting a vote (a chosen crash
     /// point), restarting within 100 ms; half the time the vote never leaves.
     pub vote_crash: f64,
@@ -546,6 +550,8 @@ impl Mix {
         );
         let read_on = pick(0.3);
         let vote_on = pick(0.3);
+        let write_on = pick(0.3);
+        let torn_writes = pick(0.5);
         Mix {
             loss: if loss_on { rng.gen_range(0.001..0.15) } else { 0.0 },
             dup: if dup_on { rng.gen_range(0.001..0.05) } else { 0.0 },
@@ -558,6 +564,8 @@ impl Mix {
             bitflips_per_min: if disk_on { rng.gen_range(0.5..5.0) } else { 0.0 },
             fsync_failures_per_min: if fsync_on { rng.gen_range(0.2..1.0) } else { 0.0 },
             read_error: if read_on { rng.gen_range(0.001..0.02) } else { 0.0 },
+            write_error: if write_on { rng.gen_range(0.001..0.02) } else { 0.0 },
+            torn_writes,
             vote_crash: if vote_on { rng.gen_range(0.2..0.8) } else { 0.0 },
             hostile: rng.gen_range(0..=faults.hostile),
             outsiders: rng.gen_range(0..=faults.outsiders),

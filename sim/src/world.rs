@@ -42,6 +42,7 @@ use crate::content::{self, Pool};
 use crate::report::{COMMIT, Convergence, Report};
 use crate::scenario::{FaultMode, Mix, Scenario, Step};
 
+mod disk;
 mod grants;
 mod routers;
 
@@ -83,6 +84,8 @@ const BAN_MS: u64 = 30_000;
 const DIRECTORY_CHECK_MS: u64 = 10_000;
 /// Fleets up to this size check every fetch after every step; larger ones sample.
 const EVERY_STEP_NODES_MAX: usize = 200;
+/// Housekeeping rounds between the chunk store's periodic syncs.
+const STORE_SYNC_ROUNDS: u64 = 5;
 /// Capacity every edge reports.
 const CAPACITY_BYTES: u64 = 64 << 30;
 
@@ -168,6 +171,12 @@ struct Node {
     restarts: u64,
     followed: Rc<ClusterState>,
     store: BTreeMap<Cid, Rc<[u8]>>,
+    /// Blocks written since the store's last sync (lost or torn by a crash).
+    unsynced: BTreeSet<Cid>,
+    /// Blocks that were unsynced at the last crash: the recovery verifies them.
+    recovering: BTreeSet<Cid>,
+    /// Blocks whose write failed, by the root their fetch was for.
+    write_failed: BTreeMap<Cid, BTreeSet<Cid>>,
     complete: BTreeSet<Cid>,
     fetches: BTreeMap<Cid, (Fetch, Purpose)>,
     announcer: Announcer,
@@ -423,7 +432,8 @@ pub struct World {
     revoked: BTreeSet<(Vec<u8>, String)>,
     /// Replicas released (copies dropped).
     releases: u64,
-    /// Reads of another zone's namespace that completed (under a temporary grant).
+    /// Reads of another zone's namespace that completed (under a temporary grant, or in the
+    /// known window before the pin reaches the server's view).
     granted_reads: u64,
     /// Pre-position deadlines, and how many were met and how many fell too early after
     /// the heal to be required.
@@ -589,6 +599,9 @@ impl World {
                 restarts: 0,
                 followed: Rc::new(ClusterState::default()),
                 store: BTreeMap::new(),
+                unsynced: BTreeSet::new(),
+                recovering: BTreeSet::new(),
+                write_failed: BTreeMap::new(),
                 complete: BTreeSet::new(),
                 fetches: BTreeMap::new(),
                 announcer: Announcer::new(
@@ -1045,6 +1058,7 @@ impl World {
         }
         if self.nodes[i].kind != Kind::Outsider && self.nodes[i].announcer.poll_timeout().0 <= local
         {
+            self.check_claims(i);
             let holdings = self.holdings(i);
             if let Some(a) = self.nodes[i].announcer.handle_timeout(Timestamp(local), &holdings) {
                 self.announce(i, &a);
@@ -1234,6 +1248,11 @@ impl World {
     }
 
     fn housekeeping(&mut self, i: usize, local: u64) {
+        // Group commit: what was fetched is durable every few rounds (and before the node
+        // claims an object).
+        if (local / HOUSEKEEPING_MS).is_multiple_of(STORE_SYNC_ROUNDS) {
+            self.sync_store(i);
+        }
         let n = &mut self.nodes[i];
         if (local / HOUSEKEEPING_MS).is_multiple_of(5) {
             // Expiry walks every holder of every root: every few seconds is enough.
@@ -1560,7 +1579,7 @@ impl World {
             }
             Action::Store { cid, bytes, from } => {
                 let _ = from;
-                self.store(i, cid, &bytes);
+                self.store_fetched(i, root, cid, &bytes);
             }
             Action::Penalize { peer, reason, disconnect } => {
                 self.record("penalize", i as u64, reason as u64);
@@ -1585,6 +1604,8 @@ impl World {
             Action::Complete { root: r, .. } => {
                 let purpose = self.nodes[i].fetches.remove(&r).map(|(_, p)| p);
                 self.record("complete", i as u64, 0);
+                // The store syncs before the node claims anything it fetched.
+                self.sync_store(i);
                 match purpose {
                     Some(Purpose::State) => {
                         if let Some(bytes) = content::read_file(&self.nodes[i].store, &r) {
@@ -1769,6 +1790,7 @@ impl World {
                     return;
                 }
                 let Ok(rc) = mycel_proto::wire::cid(&r) else { return };
+                self.check_claims(to);
                 let complete = self.nodes[to].complete.contains(&rc);
                 if complete || self.nodes[to].fetches.contains_key(&rc) {
                     let f = Frame::Holding { req, root: r, complete };
@@ -2138,6 +2160,9 @@ impl World {
                 root: obj.root,
                 at: self.nodes[origin].global(pin.deadline_ms),
                 len: obj.len,
+                targets: (0..self.members)
+                    .filter(|&j| self.nodes[j].kind == Kind::Edge && self.nodes[j].zone == zone)
+                    .count() as u64,
                 done: false,
             });
         }
@@ -2328,6 +2353,7 @@ impl World {
         {
             f.stats.records_lost += 1;
         }
+        self.tear_unsynced(i);
         self.record("crash", i as u64, 0);
     }
 
@@ -2355,7 +2381,9 @@ impl World {
         n.next_housekeeping = local;
         n.next_plan = local + 1_000;
         n.up_busy_us = self.now * 1000;
-        // The chunk store is durable: complete roots are found again by reading it.
+        self.recover_store(i);
+        let n = &mut self.nodes[i];
+        // Complete roots are found again by reading the store.
         let roots: Vec<Cid> = n.complete.iter().copied().collect();
         for r in roots {
             if content::object_blocks(&n.store, &r).is_none() {

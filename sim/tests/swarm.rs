@@ -28,7 +28,9 @@ fn failures(reports: &[Report], arg: &str) -> Vec<String> {
 #[test]
 fn ci_swarm_200_seeds_hold_every_property() {
     // 200 seeds of 5-20 nodes, each with its own fault mix over two simulated minutes, then
-    // the healed phase: every safety check holds throughout and everything converges.
+    // the healed phase: every safety check holds throughout and everything converges. The
+    // mix covers crashes, partitions, disk faults (write errors, torn and lost unsynced
+    // writes), releases, temporary grants and, in a third of the seeds, routers.
     let sc = load("ci.toml");
     let reports = sweep(&sc, 0..200, 2, 0, &|_| {});
     let bad = failures(&reports, " --scenario configs/sim/ci.toml");
@@ -41,6 +43,13 @@ fn ci_swarm_200_seeds_hold_every_property() {
         "the swarm injects faults ({crashed} crashed, {partitioned} partitioned)"
     );
     assert!(reports.iter().all(|r| r.pins > 0), "every seed pins content");
+    let disk = |k: &str| reports.iter().filter(|r| r.faults.contains_key(k)).count();
+    assert!(
+        disk("write-error") > 20 && disk("write-torn") > 10 && disk("write-lost") > 10,
+        "the swarm injects write errors and torn or lost unsynced writes"
+    );
+    assert!(reports.iter().map(|r| r.releases).sum::<u64>() > 100, "plans release replicas");
+    assert!(reports.iter().filter(|r| r.granted_reads > 0).count() > 30, "grants are used");
     let routed = reports.iter().filter(|r| r.topology.as_ref().is_some_and(|t| t.applies > 0));
     assert!(routed.count() > 30, "some seeds run routers that apply topology versions");
 }

@@ -34,6 +34,8 @@ pub(super) struct DeadlineRec {
     pub(super) at: u64,
     /// Content bytes.
     pub(super) len: u64,
+    /// Nodes it is pre-positioned to (the edges of its zones).
+    pub(super) targets: u64,
     /// Checked (or decided not to be): true.
     pub(super) done: bool,
 }
@@ -220,7 +222,6 @@ impl World {
             .iter()
             .filter_map(|p| p.bandwidth_mbps)
             .fold(links.bandwidth_mbps, u32::min);
-        let targets = (self.members as u64).max(1);
         let settle = HEAL_CONFIG_MS + 2 * self.sc.plan_period.0 + 2 * self.sc.announce_period.0;
         let now = self.now;
         let mut due = Vec::new();
@@ -228,7 +229,7 @@ impl World {
             // What the healed network allows: the configuration and a plan round settle,
             // then one copy per target over the slowest uplink.
             let copy_ms = d.len * 8 / (u64::from(bw) * 1_000);
-            let allowed = d.at >= healed + settle + targets * copy_ms + 10_000;
+            let allowed = d.at >= healed + settle + d.targets * copy_ms + 10_000;
             if !allowed {
                 d.done = true;
                 self.deadline_counts.1 += 1;

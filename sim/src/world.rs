@@ -2415,11 +2415,18 @@ impl World {
         let k = self.rng.gen_range(0..self.nodes[i].store.len());
         let Some((&cid, b)) = self.nodes[i].store.iter().nth(k) else { return };
         let b = b.clone();
+        // The other copy must be part of an object its node holds complete: a block left
+        // over from a fetch that did not finish (a write error, a crash) is served to no
+        // one who does not already know to ask.
         let healthy_elsewhere = (0..self.members).any(|j| {
+            let n = &self.nodes[j];
             j != i
-                && !self.nodes[j].dead
-                && self.nodes[j].hostility == Hostility::Honest
-                && self.nodes[j].store.get(&cid).is_some_and(|x| cid.matches(x))
+                && !n.dead
+                && n.hostility == Hostility::Honest
+                && n.store.get(&cid).is_some_and(|x| cid.matches(x))
+                && n.complete
+                    .iter()
+                    .any(|r| content::object_blocks(&n.store, r).is_some_and(|c| c.contains(&cid)))
         });
         if !healthy_elsewhere {
             return;

@@ -2056,7 +2056,12 @@ impl World {
         for a in p.for_node(&me) {
             match a {
                 plan::Action::Fetch { root, .. } => {
-                    if let Ok(c) = Cid::from_bytes(root) {
+                    let skip = cfg!(feature = "sim-bugs")
+                        && self.bugs & crate::bugs::IGNORE_PREPOSITIONS != 0
+                        && view.pins.get(root).is_some_and(|p| !p.preposition.is_empty());
+                    if let Ok(c) = Cid::from_bytes(root)
+                        && !skip
+                    {
                         start.push(c);
                     }
                 }

@@ -35,6 +35,7 @@ fn every_planted_bug_is_caught_within_200_seeds() {
             "vote-twice" => "one-",
             "serve-without-grant" => "read-grant",
             "router-applies-staged" => "topology-uncommitted",
+            "ignore-prepositions" => "preposition-deadline",
             _ => unreachable!(),
         };
         assert!(what.contains(expected), "{name} caught by an unexpected check: {what}");

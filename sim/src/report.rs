@@ -56,6 +56,9 @@ pub struct TopologyStats {
     pub hook_failures: u64,
     /// Apply records lost in a crash before they were synced.
     pub records_lost: u64,
+    /// Hooks run a second time for an activation index the router had handled (after a
+    /// canary rollback; docs/sim.md, known limits).
+    pub hook_reruns: u64,
 }
 
 /// The outcome of one run.
@@ -160,7 +163,7 @@ impl Report {
         );
         if let Some(t) = &self.topology {
             s += &format!(
-                "  topology: {} routers, {} proposed, {} staged, {} activations ({} rollbacks proposed, {} leader decisions), {} applies, {} hook failures, {} apply records lost; converged {}\n",
+                "  topology: {} routers, {} proposed, {} staged, {} activations ({} rollbacks proposed, {} leader decisions), {} applies, {} hook failures, {} hook reruns, {} apply records lost; converged {}\n",
                 t.routers,
                 t.proposed,
                 t.staged,
@@ -169,6 +172,7 @@ impl Report {
                 t.decisions,
                 t.applies,
                 t.hook_failures,
+                t.hook_reruns,
                 t.records_lost,
                 ms(self.convergence.topology_ms)
             );

@@ -62,12 +62,17 @@ pub(super) struct RouterState {
     /// The record (and file) as last written; synced at the next housekeeping round.
     current: Option<Applied>,
     next_report: u64,
+    /// Activation indexes whose hook ran here (durably recorded).
+    handled: BTreeSet<u64>,
 }
 
 impl RouterState {
     /// A crash: the unsynced record is lost. Returns whether one was.
     pub(super) fn crash(&mut self) -> bool {
         let lost = self.current != self.synced;
+        if lost && let Some(a) = self.current {
+            self.handled.remove(&a.activation_index);
+        }
         self.current = self.synced;
         self.next_report = 0;
         lost
@@ -396,6 +401,13 @@ impl World {
             }
         };
         fleet.stats.applies += 1;
+        if !self.nodes[i].router.handled.insert(t.activation_index) {
+            // The hook runs again for an activation it ran for: a canary router whose
+            // canary was rolled back returns to the activation it had before the canary
+            // (`topology::target` gives it the same activation index), and the previous
+            // file must be written back.
+            fleet.stats.hook_reruns += 1;
+        }
         self.nodes[i].router.current = Some(applied);
         self.nodes[i].router.next_report = 0;
         self.record("topology-apply", i as u64, t.version);

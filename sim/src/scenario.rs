@@ -240,7 +240,9 @@ pub struct Step {
     /// When (since the start).
     pub at: Millis,
     /// What: `crash`, `restart`, `kill` (crash for good), `pause`, `isolate`,
-    /// `partition-zones`, `one-way`, `loss`, `heal`.
+    /// `partition-zones`, `one-way`, `loss`, `heal`; with routers, also
+    /// `topology-propose` (a router proposes a new version) and `topology-rollback` (a
+    /// manager activates an earlier version).
     pub action: String,
     /// The node (by index), for node faults; `-1` or absent with `role` picks one.
     #[serde(default)]
@@ -458,7 +460,7 @@ impl Scenario {
             return bad("announce and plan periods must be at least 100ms".into());
         }
         for s in &self.faults.timeline {
-            const ACTIONS: [&str; 9] = [
+            const ACTIONS: [&str; 11] = [
                 "crash",
                 "restart",
                 "kill",
@@ -468,6 +470,8 @@ impl Scenario {
                 "one-way",
                 "loss",
                 "heal",
+                "topology-propose",
+                "topology-rollback",
             ];
             if !ACTIONS.contains(&s.action.as_str()) {
                 return bad(format!("unknown fault action {:?}: one of {ACTIONS:?}", s.action));

@@ -840,7 +840,19 @@ impl World {
     fn schedule_faults(&mut self) {
         let d = self.end_faulty;
         let timeline = self.sc.faults.timeline.clone();
+        let mut next_version = self.sc.topology.versions;
         for step in &timeline {
+            // Topology changes at chosen moments (a partition, a manager down).
+            match step.action.as_str() {
+                "topology-propose" if self.topo.is_some() => {
+                    self.push(step.at.0, Ev::TopologyPropose(next_version));
+                    next_version += 1;
+                }
+                "topology-rollback" if self.topo.is_some() => {
+                    self.push(step.at.0, Ev::TopologyRollback);
+                }
+                _ => {}
+            }
             if let Some(f) = self.scripted(step) {
                 self.push(step.at.0, Ev::Fault(f));
             }

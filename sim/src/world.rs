@@ -1639,7 +1639,12 @@ impl World {
                         let local = self.nodes[i].local(self.now);
                         self.nodes[i].announcer.announce_soon(Timestamp(local));
                     }
-                    _ => {}
+                    _ => {
+                        // The fetch ended without the object (a block's write failed): the
+                        // plan's inputs may be back to what they were when it asked for the
+                        // fetch, so it must run again rather than be skipped as unchanged.
+                        self.nodes[i].last_plan = None;
+                    }
                 }
             }
             Action::Failed { root: r, reason } => {

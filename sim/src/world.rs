@@ -2368,6 +2368,8 @@ impl World {
         n.paused_until = 0;
         n.decider = None;
         n.reports.clear();
+        // The fetches the last plan asked for are gone: the next plan must run.
+        n.last_plan = None;
         // An apply record not yet synced is lost (the rename was not yet durable: the
         // previous file and record are back).
         if n.router.crash()

@@ -212,6 +212,26 @@ pub fn object_blocks(store: &BTreeMap<Cid, Rc<[u8]>>, root: &Cid) -> Option<Vec<
     Some(cids)
 }
 
+/// Every block CID of the object `root` in `store`, or `None` if one is missing: like
+/// [`object_blocks`], but chunks are only looked up, not hashed (manifest blocks are read,
+/// and verified as they are). For bookkeeping that must not cost a hash of every byte.
+pub fn object_cids(store: &BTreeMap<Cid, Rc<[u8]>>, root: &Cid) -> Option<Vec<Cid>> {
+    let source = StoreSource(store);
+    let r = manifest::read_root(&source, root).ok()?;
+    let mut cids = vec![*root];
+    let mut nodes = Vec::new();
+    let mut visit = |c: &Cid, _: usize| nodes.push(*c);
+    for entry in Leaves::new(&source, r.kind, r.tree, r.len).with_visitor(&mut visit) {
+        match entry.ok()? {
+            NodeEntry::Chunk { cid, .. } if store.contains_key(&cid) => cids.push(cid),
+            NodeEntry::Hole { .. } => {}
+            _ => return None,
+        }
+    }
+    cids.extend(nodes);
+    Some(cids)
+}
+
 /// Reassembles a file object (a snapshot's state) from a store.
 pub fn read_file(store: &BTreeMap<Cid, Rc<[u8]>>, root: &Cid) -> Option<Vec<u8>> {
     let source = StoreSource(store);

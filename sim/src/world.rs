@@ -2450,7 +2450,7 @@ impl World {
                 && n.store.get(&cid).is_some_and(|x| cid.matches(x))
                 && n.complete
                     .iter()
-                    .any(|r| content::object_blocks(&n.store, r).is_some_and(|c| c.contains(&cid)))
+                    .any(|r| content::object_cids(&n.store, r).is_some_and(|c| c.contains(&cid)))
         });
         if !healthy_elsewhere {
             return;
@@ -2862,7 +2862,8 @@ fn may_read_namespace(state: &ClusterState, who: &[u8], ns: &str) -> bool {
         .map(|g| (g.subject.as_str(), g.permission.as_str(), g.namespace.as_str()));
     // The base58 form of the PeerId is only needed by `member:` grants; encoding it for every
     // check dominated large fleets' plans.
-    let peer = if state.grants.iter().any(|g| g.subject.starts_with("member:")) {
+    let peer = if state.grants.iter().any(|g| g.namespace == ns && g.subject.starts_with("member:"))
+    {
         Subject::new(who, "", "", &[]).peer
     } else {
         String::new()

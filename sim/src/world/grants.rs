@@ -143,7 +143,7 @@ impl World {
         if !self.nodes[i].complete.contains(&root) || self.nodes[i].fetches.contains_key(&root) {
             return;
         }
-        let Some(cids) = content::object_blocks(&self.nodes[i].store, &root) else {
+        let Some(cids) = content::object_cids(&self.nodes[i].store, &root) else {
             self.nodes[i].complete.remove(&root);
             return;
         };
@@ -152,7 +152,7 @@ impl World {
         // Blocks shared with another complete object stay.
         let mut keep: BTreeSet<Cid> = BTreeSet::new();
         for r in n.complete.iter() {
-            if let Some(c) = content::object_blocks(&n.store, r) {
+            if let Some(c) = content::object_cids(&n.store, r) {
                 keep.extend(c);
             }
         }

@@ -430,8 +430,9 @@ pub struct World {
     /// Temporary grants of the workload, and (grantee, namespace) pairs revoked.
     grants: BTreeMap<u32, grants::TempGrant>,
     revoked: BTreeSet<(Vec<u8>, String)>,
-    /// Replicas released (copies dropped).
+    /// Replicas released (copies dropped), and how often each node released each root.
     releases: u64,
+    released: BTreeMap<(usize, Cid), u32>,
     /// Reads of another zone's namespace that completed (under a temporary grant, or in the
     /// known window before the pin reaches the server's view).
     granted_reads: u64,
@@ -679,6 +680,7 @@ impl World {
             grants: BTreeMap::new(),
             revoked: BTreeSet::new(),
             releases: 0,
+            released: BTreeMap::new(),
             granted_reads: 0,
             deadlines: Vec::new(),
             deadline_counts: (0, 0),
@@ -2046,7 +2048,7 @@ impl World {
         // As the daemon does: one plan per namespace, with only the nodes that may read it
         // counted as storage.
         let mut by_ns: BTreeMap<String, Vec<PinSpec>> = BTreeMap::new();
-        for spec in pins {
+        for spec in pins.clone() {
             let ns = view
                 .pins
                 .get(&spec.root)
@@ -2067,6 +2069,51 @@ impl World {
             actions.extend(part.actions);
         }
         let p = plan::Plan { actions, pins: Vec::new() };
+        if std::env::var("MYCEL_SIM_PLAN_DEBUG").is_ok_and(|d| d == i.to_string()) {
+            for a in p.for_node(&me) {
+                let root = match a {
+                    plan::Action::Fetch { root, .. }
+                    | plan::Action::Cancel { root, .. }
+                    | plan::Action::Release { root, .. } => root,
+                };
+                let spec = pins.iter().find(|s| &s.root == root);
+                let holders: Vec<String> = nodes
+                    .iter()
+                    .filter_map(|n| {
+                        let j = self.by_peer.get(&PeerId::from_bytes(&n.node.id)?)?;
+                        let h = n.holdings.get(root)?;
+                        let ns = view
+                            .pins
+                            .get(root)
+                            .map_or(access::DEFAULT_NAMESPACE.to_string(), |p| p.namespace.clone());
+                        Some(format!(
+                            "{j}{}{}{}{}@{}",
+                            if matches!(h, Held::Complete) { "C" } else { "P" },
+                            if n.alive { "" } else { "(dead)" },
+                            if n.storage { "" } else { "(nostore)" },
+                            if may_read_namespace(view, &n.node.id, &ns) { "" } else { "(noread)" },
+                            n.node.zone
+                        ))
+                    })
+                    .collect();
+                eprintln!(
+                    "{} node {i}@{} {:?} min/max {:?} holders {holders:?}",
+                    self.now,
+                    self.nodes[i].zone,
+                    match a {
+                        plan::Action::Fetch { .. } => "fetch",
+                        plan::Action::Cancel { .. } => "cancel",
+                        plan::Action::Release { .. } => "release",
+                    },
+                    spec.map(|s| (
+                        s.replicas_min,
+                        s.replicas_max,
+                        s.zones.clone(),
+                        s.preposition.clone()
+                    ))
+                );
+            }
+        }
         let mut start = Vec::new();
         let mut cancel = Vec::new();
         let mut release = Vec::new();

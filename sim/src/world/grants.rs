@@ -9,12 +9,16 @@
 //! - Releases (`mycel_policy::plan::Action::Release`): the node drops its copy (the daemon
 //!   turns it into evictable cache; the simulator evicts it at once, the worst case). A
 //!   release must not leave an acknowledged pin with fewer than its minimum complete copies
-//!   on live honest nodes (`safety:release-below-min`).
+//!   on nodes that are not dead (`safety:release-below-min`), and one node releasing the same copy
+//!   again and again is a plan that flaps (`liveness:plan-flapping`).
 //! - Pre-position deadlines: a pre-position whose deadline falls late enough after the heal
 //!   for the healed network to carry the object to every target must be complete at every
 //!   target by then (`liveness:preposition-deadline`).
 
 use super::*;
+
+/// The most times one node may release its copy of one root in a run.
+const RELEASES_OF_ONE_COPY_MAX: u32 = 4;
 
 /// A temporary grant of the workload.
 #[derive(Debug, Clone)]
@@ -138,7 +142,7 @@ impl World {
 
     /// Node `i` releases its replica of `root`: its copy is evicted (blocks no other
     /// complete object here uses are dropped). The release must leave the pin at its
-    /// minimum complete copies on live honest nodes.
+    /// minimum complete copies on nodes that are not dead.
     pub(super) fn release(&mut self, i: usize, root: Cid) {
         if !self.nodes[i].complete.contains(&root) || self.nodes[i].fetches.contains_key(&root) {
             return;
@@ -165,6 +169,17 @@ impl World {
         n.announcer.announce_soon(Timestamp(local));
         self.releases += 1;
         self.record("release", i as u64, 0);
+        // A plan that fetches a copy and releases it again, round after round, moves the
+        // whole object each time: a release repeated this often is a flapping plan.
+        let n = self.released.entry((i, root)).or_default();
+        *n += 1;
+        if *n == RELEASES_OF_ONE_COPY_MAX + 1 {
+            let detail = format!(
+                "node {i} released {root} {} times: its plans fetch and release it in turn",
+                RELEASES_OF_ONE_COPY_MAX + 1
+            );
+            self.checker.fail(self.now, "liveness:plan-flapping", detail);
+        }
         if !self.acked_pins.contains(&root) {
             return;
         }

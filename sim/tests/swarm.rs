@@ -153,11 +153,11 @@ fn router_fleet_changes_topology_under_partition() {
     // The router-fleet scenario in full (a zone cut off, managers crashing, a router lost,
     // versions proposed and rolled back throughout, a canary whose hooks fail): no router
     // applies a version the quorum has not made active, and every live router ends on the
-    // active version's bytes. Seed 0 once failed: a restarted router's announcements were
-    // ignored as stale (the simulator did not start their sequence numbers at the restart
-    // time, as the daemon does), and its report names only the latest version held, so the
-    // leader never saw it hold the canary version and could not promote it. A seed run
-    // twice gives the same trace.
+    // active version's bytes. Seed 0 of an earlier version of this scenario failed: a
+    // restarted router's announcements were ignored as stale (the simulator did not start
+    // their sequence numbers at the restart time, as the daemon does), and its report names
+    // only the latest version held, so the leader never saw it hold the canary version and
+    // could not promote it. A seed run twice gives the same trace.
     let sc = load("router-fleet-partition.toml");
     for seed in [0, 1] {
         let r = run(Options { seed, scenario: sc.clone(), trace: None, bugs: 0 });

@@ -330,6 +330,7 @@ fn plan_pin(
             .chain(held_zones.iter().copied())
             .collect();
         if held_zones.len() < holders.len().min(zones.len())
+            && spread_copy_kept(&holders, &is_target, max)
             && let Some(&i) =
                 ranked.iter().find(|&&i| usable(i) && !held_zones.contains(cands[i].zone.as_str()))
         {
@@ -367,6 +368,27 @@ fn plan_pin(
         unplaceable,
         preposition,
     }
+}
+
+/// Whether a copy added in an uncovered zone would survive [`release_extras`], which takes
+/// replicas over the maximum first from zones holding two and never from pre-position
+/// targets. When the replicas over the maximum could only come from zones holding one (say
+/// a pre-position's targets alone exceed the maximum), the release rule would take the new
+/// copy back, or another zone's only copy, and the next plan would add it again, for ever.
+fn spread_copy_kept(
+    holders: &[&NodeState],
+    is_target: &dyn Fn(&NodeState) -> bool,
+    max: usize,
+) -> bool {
+    let excess = (holders.len() + 1).saturating_sub(max);
+    let mut zones: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for h in holders {
+        let z = zones.entry(h.node.zone.as_str()).or_default();
+        z.0 += 1;
+        z.1 += usize::from(!is_target(h));
+    }
+    let releasable: usize = zones.values().map(|&(all, free)| free.min(all - 1)).sum();
+    excess <= releasable
 }
 
 fn release_extras(

@@ -11,12 +11,20 @@ pub const VOTE_TWICE: u32 = 1 << 2;
 /// The serving side skips the requester's read grant.
 pub const SERVE_WITHOUT_GRANT: u32 = 1 << 3;
 
+/// A router applies the topology version waiting for activation, before it is active.
+pub const ROUTER_APPLIES_STAGED: u32 = 1 << 4;
+
+/// Edges never fetch pre-positioned content.
+pub const IGNORE_PREPOSITIONS: u32 = 1 << 5;
+
 /// Every planted bug by name.
-pub const ALL: [(&str, u32); 4] = [
+pub const ALL: [(&str, u32); 6] = [
     ("skip-cid-check", SKIP_CID_CHECK),
     ("ack-before-fsync", ACK_BEFORE_FSYNC),
     ("vote-twice", VOTE_TWICE),
     ("serve-without-grant", SERVE_WITHOUT_GRANT),
+    ("router-applies-staged", ROUTER_APPLIES_STAGED),
+    ("ignore-prepositions", IGNORE_PREPOSITIONS),
 ];
 
 /// Parses a comma-separated list of bug names.

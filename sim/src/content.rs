@@ -90,6 +90,91 @@ pub fn generate(seed: u64, len: usize) -> Object {
     Object { root: root.cid, len: total, blocks }
 }
 
+/// A topology document: its canonical bytes (through the real canonicalisation), the
+/// source bytes as an operator would write them, and the stored object of the canonical
+/// bytes (kind topology, cut by the simulation's chunker identity).
+#[derive(Debug)]
+pub struct TopologyDoc {
+    /// Canonical JSON bytes (what a stage command carries).
+    pub canonical: Vec<u8>,
+    /// BLAKE3 of the canonical bytes (what a router's applied file must hash to).
+    pub hash: [u8; 32],
+    /// The source file, as written (indented JSON), one raw block.
+    pub source: (Cid, Rc<[u8]>),
+    /// The canonical object.
+    pub object: Object,
+}
+
+/// Version `version` of a router fleet's topology file, drawn from `seed`: routers with
+/// an AS number and a loopback, links between them with costs (a few tens of KiB, so the
+/// object has several chunks and index nodes).
+pub fn topology_doc(seed: u64, version: u64, routers: u32) -> TopologyDoc {
+    use mycel_chunker::topology::{Format, canonical_json, parse, render};
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ version.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let n = routers.clamp(2, 64);
+    let mut text = String::from("{\"version\":");
+    text += &version.to_string();
+    text += ",\"routers\":[";
+    for r in 0..n {
+        if r > 0 {
+            text.push(',');
+        }
+        text += &format!(
+            "{{\"name\":\"r{r}\",\"asn\":{},\"loopback\":\"10.{}.{}.1\",\"role\":\"{}\"}}",
+            64_512 + rng.next_u32() % 1000,
+            r / 250,
+            r % 250,
+            if r % 4 == 0 { "spine" } else { "leaf" }
+        );
+    }
+    text += "],\"links\":[";
+    let links = 40 + rng.next_u32() % 200;
+    for l in 0..links {
+        if l > 0 {
+            text.push(',');
+        }
+        let (a, b) = (rng.next_u32() % n, rng.next_u32() % n);
+        text += &format!(
+            "{{\"a\":\"r{a}\",\"b\":\"r{b}\",\"cost\":{},\"mtu\":9000,\"note\":\"link {l} of version {version}\"}}",
+            1 + rng.next_u32() % 100
+        );
+    }
+    text += "]}";
+    let value = parse(text.as_bytes(), Format::Json).expect("generated JSON parses");
+    let canonical = canonical_json(&value);
+    let source_bytes = render(&value, Format::Json).expect("JSON renders");
+    let object = topology_object(&canonical);
+    TopologyDoc {
+        hash: *blake3::hash(&canonical).as_bytes(),
+        source: (Cid::raw(&source_bytes), Rc::from(source_bytes)),
+        canonical,
+        object,
+    }
+}
+
+/// The stored object of canonical topology bytes (as `mycel add` stores a topology file):
+/// its root is the one a stage command names (`mycel_chunker::topology::object_root`).
+pub fn topology_object(canonical: &[u8]) -> Object {
+    let config = chunker_config();
+    let mut blocks = Vec::new();
+    let mut tree = TreeBuilder::new(&config, true);
+    let mut at = 0;
+    for l in Cutter::new(&config).lengths(canonical) {
+        let chunk = &canonical[at..at + l];
+        at += l;
+        let cid = Cid::raw(chunk);
+        blocks.push((cid, Rc::from(chunk)));
+        tree.push(NodeEntry::Chunk { len: l as u64, cid });
+    }
+    let (t, total) = tree.finish();
+    for b in tree.take_blocks() {
+        blocks.push((b.cid, Rc::from(b.bytes)));
+    }
+    let root = Root { kind: Kind::Topology, config, len: total, tree: t }.encode();
+    blocks.push((root.cid, Rc::from(root.bytes)));
+    Object { root: root.cid, len: total, blocks }
+}
+
 /// A node's block store as a [`BlockSource`] (blocks verified as they are read).
 #[derive(Debug)]
 pub struct StoreSource<'a>(pub &'a BTreeMap<Cid, Rc<[u8]>>);
@@ -119,6 +204,26 @@ pub fn object_blocks(store: &BTreeMap<Cid, Rc<[u8]>>, root: &Cid) -> Option<Vec<
                 }
                 cids.push(cid);
             }
+            NodeEntry::Hole { .. } => {}
+            _ => return None,
+        }
+    }
+    cids.extend(nodes);
+    Some(cids)
+}
+
+/// Every block CID of the object `root` in `store`, or `None` if one is missing: like
+/// [`object_blocks`], but chunks are only looked up, not hashed (manifest blocks are read,
+/// and verified as they are). For bookkeeping that must not cost a hash of every byte.
+pub fn object_cids(store: &BTreeMap<Cid, Rc<[u8]>>, root: &Cid) -> Option<Vec<Cid>> {
+    let source = StoreSource(store);
+    let r = manifest::read_root(&source, root).ok()?;
+    let mut cids = vec![*root];
+    let mut nodes = Vec::new();
+    let mut visit = |c: &Cid, _: usize| nodes.push(*c);
+    for entry in Leaves::new(&source, r.kind, r.tree, r.len).with_visitor(&mut visit) {
+        match entry.ok()? {
+            NodeEntry::Chunk { cid, .. } if store.contains_key(&cid) => cids.push(cid),
             NodeEntry::Hole { .. } => {}
             _ => return None,
         }
@@ -176,5 +281,18 @@ mod tests {
         assert_eq!(bytes.len() as u64, o.len);
         let cids = object_blocks(&store, &o.root).unwrap();
         assert_eq!(cids.len(), store.len());
+    }
+
+    #[test]
+    fn topology_objects_have_the_root_a_stage_command_names() {
+        // The stored object of a generated document has the root the managers recompute
+        // from the canonical bytes, reads back to those bytes, and versions differ.
+        let d = topology_doc(9, 1, 12);
+        let root = mycel_chunker::topology::object_root(&d.canonical, &chunker_config()).unwrap();
+        assert_eq!(root, d.object.root);
+        assert!(d.object.blocks.len() > 3, "several chunks: {}", d.object.blocks.len());
+        let store: BTreeMap<Cid, Rc<[u8]>> = d.object.blocks.iter().cloned().collect();
+        assert_eq!(read_file(&store, &d.object.root).unwrap(), d.canonical);
+        assert_ne!(topology_doc(9, 2, 12).hash, d.hash);
     }
 }

@@ -30,6 +30,35 @@ pub struct Convergence {
     pub config_ms: Option<u64>,
     /// Every pin at its minimum replicas and every pre-position complete.
     pub replicas_ms: Option<u64>,
+    /// Every live router applied the active version of its topology file, and no version
+    /// waits for activation (runs with routers).
+    pub topology_ms: Option<u64>,
+}
+
+/// What a run with routers did to their topology file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TopologyStats {
+    /// Routers in the fleet.
+    pub routers: u32,
+    /// Stage proposals made by routers.
+    pub proposed: u64,
+    /// Versions committed (the latest version number seen in a manager's state).
+    pub staged: u64,
+    /// Distinct activations committed (canary starts included).
+    pub activations: u64,
+    /// Rollbacks proposed (a manager activating an earlier version).
+    pub rollbacks: u64,
+    /// Decisions the leaders' deciders proposed.
+    pub decisions: u64,
+    /// Activations applied by routers (hook run).
+    pub applies: u64,
+    /// Canary hooks that failed (the previous file restored).
+    pub hook_failures: u64,
+    /// Apply records lost in a crash before they were synced.
+    pub records_lost: u64,
+    /// Hooks run a second time for an activation index the router had handled (after a
+    /// canary rollback; docs/sim.md, known limits).
+    pub hook_reruns: u64,
 }
 
 /// The outcome of one run.
@@ -67,6 +96,17 @@ pub struct Report {
     pub convergence: Convergence,
     /// Every broken property (the first ones; bounded).
     pub violations: Vec<Violation>,
+    /// Replicas released by plans (the copy dropped).
+    pub releases: u64,
+    /// Reads of another zone's namespace that completed: under a temporary grant, or in the
+    /// known window before the pin reaches the server's view (docs/sim.md, known limits).
+    pub granted_reads: u64,
+    /// Pre-position deadlines met (checked, or complete before they came).
+    pub deadlines_met: u64,
+    /// Pre-position deadlines too soon after the heal for the healed network to meet.
+    pub deadlines_not_required: u64,
+    /// The router fleet's topology file, in runs with routers.
+    pub topology: Option<TopologyStats>,
     /// BLAKE3 over every event.
     pub trace_hash: String,
     /// The commit.
@@ -100,7 +140,15 @@ impl Report {
             self.messages,
             self.bytes
         );
-        s += &format!("  pins {}, acknowledged proposals {}\n", self.pins, self.acknowledged);
+        s += &format!(
+            "  pins {}, acknowledged proposals {}, replicas released {}, reads of another zone's namespace {}, pre-position deadlines met {} (not required {})\n",
+            self.pins,
+            self.acknowledged,
+            self.releases,
+            self.granted_reads,
+            self.deadlines_met,
+            self.deadlines_not_required
+        );
         let faults: Vec<String> = self.faults.iter().map(|(k, v)| format!("{k}={v}")).collect();
         s += &format!(
             "  faults: {}\n",
@@ -113,6 +161,22 @@ impl Report {
             ms(self.convergence.config_ms),
             ms(self.convergence.replicas_ms)
         );
+        if let Some(t) = &self.topology {
+            s += &format!(
+                "  topology: {} routers, {} proposed, {} staged, {} activations ({} rollbacks proposed, {} leader decisions), {} applies, {} hook failures, {} hook reruns, {} apply records lost; converged {}\n",
+                t.routers,
+                t.proposed,
+                t.staged,
+                t.activations,
+                t.rollbacks,
+                t.decisions,
+                t.applies,
+                t.hook_failures,
+                t.hook_reruns,
+                t.records_lost,
+                ms(self.convergence.topology_ms)
+            );
+        }
         s += &format!("  trace {}\n", self.trace_hash);
         if self.violations.is_empty() {
             s += "  every check passed\n";

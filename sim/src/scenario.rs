@@ -157,6 +157,11 @@ pub struct Workload {
     pub preposition_kib: u32,
     /// Attempts by edges to fetch content of a namespace they may not read.
     pub curious_fetches: u32,
+    /// Temporary grants: an edge may read another zone's namespace for a while (it fetches
+    /// from it), then the grant is revoked.
+    pub grants: u32,
+    /// Pre-position deadline after the publish (0: none).
+    pub preposition_deadline: Millis,
 }
 
 impl Default for Workload {
@@ -171,6 +176,46 @@ impl Default for Workload {
             prepositions: 0,
             preposition_kib: 1024,
             curious_fetches: 4,
+            grants: 0,
+            preposition_deadline: Millis(0),
+        }
+    }
+}
+
+/// Routers sharing a topology file, and the changes proposed to it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Topology {
+    /// Members with the router role (the last nodes of the fleet), subscribed to `name`.
+    pub routers: u32,
+    /// The topology name.
+    pub name: String,
+    /// Versions proposed by routers during the faulty phase.
+    pub versions: u32,
+    /// Rollbacks during the faulty phase: a manager activates an earlier version.
+    pub rollbacks: u32,
+    /// Canary: the routers of the first zone holding routers take each version first.
+    pub canary: bool,
+    /// Roll a canary back when more than this percentage of its hooks fail.
+    pub canary_fail_pct: u32,
+    /// Probability (percent) that a canary router's hook fails during the faulty phase.
+    pub hook_fail_pct: u32,
+    /// Swarm mode with a drawn node count: the share (percent) of seeds that draw routers
+    /// and a topology workload (when `routers` is 0).
+    pub swarm_pct: u32,
+}
+
+impl Default for Topology {
+    fn default() -> Topology {
+        Topology {
+            routers: 0,
+            name: "fleet".into(),
+            versions: 4,
+            rollbacks: 1,
+            canary: false,
+            canary_fail_pct: 50,
+            hook_fail_pct: 0,
+            swarm_pct: 0,
         }
     }
 }
@@ -195,12 +240,14 @@ pub struct Step {
     /// When (since the start).
     pub at: Millis,
     /// What: `crash`, `restart`, `kill` (crash for good), `pause`, `isolate`,
-    /// `partition-zones`, `one-way`, `loss`, `heal`.
+    /// `partition-zones`, `one-way`, `loss`, `heal`; with routers, also
+    /// `topology-propose` (a router proposes a new version) and `topology-rollback` (a
+    /// manager activates an earlier version).
     pub action: String,
     /// The node (by index), for node faults; `-1` or absent with `role` picks one.
     #[serde(default)]
     pub node: Option<u32>,
-    /// Pick a live node of this role (`manager`, `edge`) when `node` is absent.
+    /// Pick a live node of this role (`manager`, `edge`, `router`) when `node` is absent.
     #[serde(default)]
     pub role: Option<String>,
     /// The other node of a one-way cut.
@@ -262,6 +309,8 @@ pub struct Scenario {
     pub workload: Workload,
     /// The fault plan.
     pub faults: Faults,
+    /// Routers and their topology file.
+    pub topology: Topology,
     /// How often nodes announce what they hold.
     pub announce_period: Millis,
     /// How often nodes run the replication plan.
@@ -285,6 +334,7 @@ impl Default for Scenario {
             links: Links::default(),
             workload: Workload::default(),
             faults: Faults::default(),
+            topology: Topology::default(),
             announce_period: Millis(5_000),
             plan_period: Millis(5_000),
         }
@@ -376,7 +426,11 @@ impl Scenario {
         if w.replicas_min == 0 || w.replicas_min > w.replicas_max {
             return bad("replicas must satisfy 1 <= min <= max".into());
         }
-        if w.objects > 10_000 || w.prepositions > 100 || w.preposition_kib > 256 * 1024 {
+        if w.objects > 10_000
+            || w.grants > 1_000
+            || w.prepositions > 100
+            || w.preposition_kib > 256 * 1024
+        {
             return bad(
                 "workload over its bounds (10000 objects, 100 pre-positions of 256 MiB)".into()
             );
@@ -384,11 +438,29 @@ impl Scenario {
         if w.restricted_pct > 100 {
             return bad("restricted_pct is a percentage".into());
         }
+        let t = &self.topology;
+        if t.routers > 0 && self.nodes < self.managers + t.routers + self.eligible.max(1) {
+            return bad(format!(
+                "{} routers leave no edge: nodes must be at least managers + routers + max(eligible, 1)",
+                t.routers
+            ));
+        }
+        if let Err(e) = mycel_consensus::topology::validate_name(&t.name) {
+            return bad(format!("topology: {e}"));
+        }
+        if t.versions > 1_000 || t.rollbacks > 1_000 {
+            return bad("topology: at most 1000 versions and 1000 rollbacks".into());
+        }
+        if t.canary_fail_pct > 100 || t.hook_fail_pct > 100 || t.swarm_pct > 100 {
+            return bad(
+                "topology: canary_fail_pct, hook_fail_pct and swarm_pct are percentages".into()
+            );
+        }
         if self.announce_period.0 < 100 || self.plan_period.0 < 100 {
             return bad("announce and plan periods must be at least 100ms".into());
         }
         for s in &self.faults.timeline {
-            const ACTIONS: [&str; 9] = [
+            const ACTIONS: [&str; 11] = [
                 "crash",
                 "restart",
                 "kill",
@@ -398,6 +470,8 @@ impl Scenario {
                 "one-way",
                 "loss",
                 "heal",
+                "topology-propose",
+                "topology-rollback",
             ];
             if !ACTIONS.contains(&s.action.as_str()) {
                 return bad(format!("unknown fault action {:?}: one of {ACTIONS:?}", s.action));
@@ -449,6 +523,10 @@ pub struct Mix {
     pub fsync_failures_per_min: f64,
     /// Read errors: probability per served block.
     pub read_error: f64,
+    /// Write errors: probability per fetched block written.
+    pub write_error: f64,
+    /// Crashes lose or tear the writes not yet synced.
+    pub torn_writes: bool,
     /// Probability that a voter crashes right after granting a vote (a chosen crash
     /// point), restarting within 100 ms; half the time the vote never leaves.
     pub vote_crash: f64,
@@ -476,6 +554,8 @@ impl Mix {
         );
         let read_on = pick(0.3);
         let vote_on = pick(0.3);
+        let write_on = pick(0.3);
+        let torn_writes = pick(0.5);
         Mix {
             loss: if loss_on { rng.gen_range(0.001..0.15) } else { 0.0 },
             dup: if dup_on { rng.gen_range(0.001..0.05) } else { 0.0 },
@@ -488,6 +568,8 @@ impl Mix {
             bitflips_per_min: if disk_on { rng.gen_range(0.5..5.0) } else { 0.0 },
             fsync_failures_per_min: if fsync_on { rng.gen_range(0.2..1.0) } else { 0.0 },
             read_error: if read_on { rng.gen_range(0.001..0.02) } else { 0.0 },
+            write_error: if write_on { rng.gen_range(0.001..0.02) } else { 0.0 },
+            torn_writes,
             vote_crash: if vote_on { rng.gen_range(0.2..0.8) } else { 0.0 },
             hostile: rng.gen_range(0..=faults.hostile),
             outsiders: rng.gen_range(0..=faults.outsiders),

@@ -16,11 +16,13 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::io::Write;
 use std::rc::Rc;
 
+use ed25519_dalek::SigningKey;
 use mycel_chunker::Cid;
 use mycel_consensus::command::{Command, Grant, Member, Pin, Proposal, Role};
 use mycel_consensus::heal::ELIGIBLE_TAG;
 use mycel_consensus::log::MemBackend;
 use mycel_consensus::state::{ClusterState, Outcome};
+use mycel_consensus::topology::{self as topo, Decider};
 use mycel_consensus::{
     Config as CoreConfig, Core, FatalError, Output, ProposeError, Timestamp as CoreTime,
 };
@@ -39,6 +41,10 @@ use crate::check::Checker;
 use crate::content::{self, Pool};
 use crate::report::{COMMIT, Convergence, Report};
 use crate::scenario::{FaultMode, Mix, Scenario, Step};
+
+mod disk;
+mod grants;
+mod routers;
 
 /// Raft tick.
 const TICK_MS: u64 = 100;
@@ -78,6 +84,8 @@ const BAN_MS: u64 = 30_000;
 const DIRECTORY_CHECK_MS: u64 = 10_000;
 /// Fleets up to this size check every fetch after every step; larger ones sample.
 const EVERY_STEP_NODES_MAX: usize = 200;
+/// Housekeeping rounds between the chunk store's periodic syncs.
+const STORE_SYNC_ROUNDS: u64 = 5;
 /// Capacity every edge reports.
 const CAPACITY_BYTES: u64 = 64 << 30;
 
@@ -103,6 +111,8 @@ impl std::fmt::Debug for Options {
 enum Kind {
     Manager,
     Edge,
+    /// A member with the router role, subscribed to the scenario's topology name.
+    Router,
     /// Not a member: tries to fetch anyway.
     Outsider,
 }
@@ -136,10 +146,14 @@ enum Purpose {
     State,
     /// Content of a namespace this node may not read (it must be refused).
     Curious(u64),
+    /// A version of a topology file this router needs.
+    Topology,
 }
 
 struct Node {
     peer: PeerId,
+    /// The ed25519 secret key inside the PeerId (it signs topology proposals).
+    secret: [u8; 32],
     zone: String,
     zone_ix: usize,
     tags: Vec<String>,
@@ -157,6 +171,12 @@ struct Node {
     restarts: u64,
     followed: Rc<ClusterState>,
     store: BTreeMap<Cid, Rc<[u8]>>,
+    /// Blocks written since the store's last sync (lost or torn by a crash).
+    unsynced: BTreeSet<Cid>,
+    /// Blocks that were unsynced at the last crash: the recovery verifies them.
+    recovering: BTreeSet<Cid>,
+    /// Blocks whose write failed, by the root their fetch was for.
+    write_failed: BTreeMap<Cid, BTreeSet<Cid>>,
     complete: BTreeSet<Cid>,
     fetches: BTreeMap<Cid, (Fetch, Purpose)>,
     announcer: Announcer,
@@ -176,6 +196,12 @@ struct Node {
     encoded: Option<(u64, Rc<Vec<u8>>)>,
     /// Peers disconnected for misbehaving, until this local time.
     banned: BTreeMap<PeerId, u64>,
+    /// A router's applied topology and reports.
+    router: routers::RouterState,
+    /// A node running a consensus core: its topology decider (volatile) and the routers'
+    /// reports it heard, with the local time they arrived.
+    decider: Option<Decider>,
+    reports: BTreeMap<usize, (u64, routers::Report)>,
 }
 
 impl std::fmt::Debug for Node {
@@ -233,6 +259,8 @@ enum Msg {
     Ping(u64),
     Pong(u64),
     Report(u64),
+    /// A router's topology report to a manager.
+    Topology(routers::Report),
     /// An exchange frame on the stream serving `root` (length prefix included).
     Frame {
         root: Cid,
@@ -261,6 +289,7 @@ impl Msg {
             Msg::Pong(_) => 7,
             Msg::Report(_) => 8,
             Msg::Frame { .. } => 9,
+            Msg::Topology(_) => 10,
         }
     }
 
@@ -301,13 +330,28 @@ enum Fault {
 #[derive(Debug)]
 enum Ev {
     Timer(usize),
-    Deliver { from: usize, to: usize, msg: Msg },
-    Gossip { from: usize, bytes: Rc<Vec<u8>> },
+    Deliver {
+        from: usize,
+        to: usize,
+        msg: Msg,
+    },
+    Gossip {
+        from: usize,
+        bytes: Rc<Vec<u8>>,
+    },
     Fault(Fault),
     Publish(u32),
     Preposition(u32),
     Curious,
     Outsider(usize),
+    /// A router proposes version `k` of the topology file.
+    TopologyPropose(u32),
+    /// A manager activates an earlier version.
+    TopologyRollback,
+    /// Temporary grant `k`: granted, used, revoked.
+    Grant(u32),
+    GrantedFetch(u32),
+    Revoke(u32),
     Heal,
     Converge,
 }
@@ -386,6 +430,23 @@ pub struct World {
     done: bool,
     bugs: u32,
     bitflips_left: u32,
+    /// Temporary grants of the workload, and (grantee, namespace) pairs revoked.
+    grants: BTreeMap<u32, grants::TempGrant>,
+    revoked: BTreeSet<(Vec<u8>, String)>,
+    /// Replicas released (copies dropped), and how often each node released each root.
+    releases: u64,
+    released: BTreeMap<(usize, Cid), u32>,
+    /// Reads of another zone's namespace that completed (under a temporary grant, or in the
+    /// known window before the pin reaches the server's view).
+    granted_reads: u64,
+    /// Pre-position deadlines, and how many were met and how many fell too early after
+    /// the heal to be required.
+    deadlines: Vec<grants::DeadlineRec>,
+    deadline_counts: (u64, u64),
+    /// The scenario's hash as given (before the seed's draws change it).
+    scenario_hash: String,
+    /// The router fleet and its topology file, if the scenario has routers.
+    topo: Option<routers::Fleet>,
 }
 
 impl std::fmt::Debug for World {
@@ -394,12 +455,13 @@ impl std::fmt::Debug for World {
     }
 }
 
-fn peer_of(seed: u64, idx: usize) -> PeerId {
-    // A libp2p-shaped PeerId: identity multihash header, then 32 bytes.
-    let mut b = vec![0x00, 0x24, 0x08, 0x01, 0x12, 0x20];
-    let h = blake3::hash(format!("mycel-sim node {idx} of seed {seed}").as_bytes());
-    b.extend_from_slice(h.as_bytes());
-    PeerId::from_bytes(&b).expect("38 bytes")
+/// Node `idx`'s ed25519 secret key (drawn from the seed) and its PeerId: the identity
+/// multihash of the public key, as libp2p writes it, so managers can verify what it signs.
+fn peer_of(seed: u64, idx: usize) -> (PeerId, [u8; 32]) {
+    let secret =
+        *blake3::hash(format!("mycel-sim node {idx} of seed {seed}").as_bytes()).as_bytes();
+    let public = SigningKey::from_bytes(&secret).verifying_key().to_bytes();
+    (PeerId::from_bytes(&topo::peer_of_key(&public)).expect("38 bytes"), secret)
 }
 
 fn role_name(r: Role) -> &'static str {
@@ -460,8 +522,10 @@ fn set_bugs(_bugs: u32) {}
 
 impl World {
     fn new(seed: u64, mut sc: Scenario, trace_out: Option<Box<dyn Write>>, bugs: u32) -> World {
+        let scenario_hash = sc.hash();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        if sc.nodes_max > sc.nodes {
+        let drawn = sc.nodes_max > sc.nodes;
+        if drawn {
             sc.nodes = rng.gen_range(sc.nodes..=sc.nodes_max);
             if sc.nodes >= 8 && rng.gen_bool(0.4) {
                 sc.managers = 5;
@@ -474,6 +538,10 @@ impl World {
             FaultMode::Scripted => Mix::scripted(&sc.faults),
             FaultMode::None => Mix::default(),
         };
+        if drawn && sc.topology.routers == 0 && sc.faults.mode == FaultMode::Swarm {
+            routers::draw(&mut rng, &mut sc);
+        }
+        let routers = sc.topology.routers as usize;
         let zones: Vec<String> = sc.zones.iter().map(|z| z.name.clone()).collect();
         let members = sc.nodes as usize;
         let total = members + mix.outsiders as usize;
@@ -485,8 +553,10 @@ impl World {
         for idx in 0..total {
             let kind = if idx < managers {
                 Kind::Manager
-            } else if idx < members {
+            } else if idx < members - routers {
                 Kind::Edge
+            } else if idx < members {
+                Kind::Router
             } else {
                 Kind::Outsider
             };
@@ -509,13 +579,14 @@ impl World {
             if kind == Kind::Edge && idx < managers + sc.eligible as usize {
                 tags.push(ELIGIBLE_TAG.to_string());
             }
-            let peer = peer_of(seed, idx);
+            let (peer, secret) = peer_of(seed, idx);
             let skew_ms = if mix.skew_ms > 0 { rng.gen_range(0..=mix.skew_ms) } else { 0 };
             let drift_ppm = if mix.drift_ppm > 0 { rng.gen_range(0..=mix.drift_ppm) } else { 0 };
             let zone = zones[zone_ix].clone();
             let local0 = skew_ms;
             nodes.push(Node {
                 peer,
+                secret,
                 zone: zone.clone(),
                 zone_ix,
                 tags,
@@ -532,6 +603,9 @@ impl World {
                 restarts: 0,
                 followed: Rc::new(ClusterState::default()),
                 store: BTreeMap::new(),
+                unsynced: BTreeSet::new(),
+                recovering: BTreeSet::new(),
+                write_failed: BTreeMap::new(),
                 complete: BTreeSet::new(),
                 fetches: BTreeMap::new(),
                 announcer: Announcer::new(
@@ -555,11 +629,14 @@ impl World {
                 pending_acks: BTreeMap::new(),
                 encoded: None,
                 banned: BTreeMap::new(),
+                router: routers::RouterState::default(),
+                decider: None,
+                reports: BTreeMap::new(),
             });
         }
         // Hostile members: edges that are neither eligible nor managers.
         let mut candidates: Vec<usize> =
-            (managers + sc.eligible as usize..members).collect::<Vec<_>>();
+            (managers + sc.eligible as usize..members - routers).collect::<Vec<_>>();
         candidates.shuffle(&mut rng);
         for (n, idx) in candidates.iter().take(mix.hostile as usize).enumerate() {
             nodes[*idx].hostility =
@@ -603,6 +680,15 @@ impl World {
             done: false,
             bugs,
             bitflips_left: 0,
+            scenario_hash,
+            grants: BTreeMap::new(),
+            revoked: BTreeSet::new(),
+            releases: 0,
+            released: BTreeMap::new(),
+            granted_reads: 0,
+            deadlines: Vec::new(),
+            deadline_counts: (0, 0),
+            topo: (routers > 0).then(|| routers::Fleet::new(&sc.topology.name, routers as u32)),
             sc,
         };
         w.bootstrap();
@@ -648,9 +734,17 @@ impl World {
             commands.push(Command::AddMember(Member {
                 peer: n.peer.as_bytes().to_vec(),
                 raft_id: 0,
-                role: if n.kind == Kind::Manager { Role::Manager } else { Role::Edge },
+                role: match n.kind {
+                    Kind::Manager => Role::Manager,
+                    Kind::Router => Role::Router,
+                    _ => Role::Edge,
+                },
                 zone: n.zone.clone(),
-                tags: n.tags.clone(),
+                tags: if n.kind == Kind::Router {
+                    vec![topo::subscription_tag(&self.sc.topology.name)]
+                } else {
+                    n.tags.clone()
+                },
                 capacity_bytes: CAPACITY_BYTES,
                 addrs: vec![],
             }));
@@ -669,6 +763,7 @@ impl World {
                 namespace: format!("ns-{z}"),
             }));
         }
+        commands.extend(self.topology_bootstrap());
         self.init = commands.clone();
         self.nodes[0].proposals.push_back((commands, Vec::new()));
         for i in 0..self.nodes.len() {
@@ -723,6 +818,10 @@ impl World {
             let at = self.rng.gen_range(lo..hi);
             self.push(at, Ev::Preposition(k));
         }
+        for k in 0..w.grants {
+            let at = self.rng.gen_range(lo..hi);
+            self.push(at, Ev::Grant(k));
+        }
         for _ in 0..w.curious_fetches {
             let at = self.rng.gen_range(hi / 2..hi.max(hi / 2 + 1) + d / 4);
             self.push(at.min(d), Ev::Curious);
@@ -731,12 +830,35 @@ impl World {
             let at = self.rng.gen_range(lo..hi);
             self.push(at, Ev::Outsider(i));
         }
+        if self.topo.is_some() {
+            let t = self.sc.topology.clone();
+            for k in 0..t.versions {
+                let at = self.rng.gen_range(lo..d.max(lo + 1));
+                self.push(at, Ev::TopologyPropose(k));
+            }
+            for _ in 0..t.rollbacks {
+                let at = self.rng.gen_range(hi / 2..d.max(hi / 2 + 1));
+                self.push(at, Ev::TopologyRollback);
+            }
+        }
     }
 
     fn schedule_faults(&mut self) {
         let d = self.end_faulty;
         let timeline = self.sc.faults.timeline.clone();
+        let mut next_version = self.sc.topology.versions;
         for step in &timeline {
+            // Topology changes at chosen moments (a partition, a manager down).
+            match step.action.as_str() {
+                "topology-propose" if self.topo.is_some() => {
+                    self.push(step.at.0, Ev::TopologyPropose(next_version));
+                    next_version += 1;
+                }
+                "topology-rollback" if self.topo.is_some() => {
+                    self.push(step.at.0, Ev::TopologyRollback);
+                }
+                _ => {}
+            }
             if let Some(f) = self.scripted(step) {
                 self.push(step.at.0, Ev::Fault(f));
             }
@@ -784,6 +906,7 @@ impl World {
         let role = match s.role.as_deref() {
             Some("manager") => Some(Kind::Manager),
             Some("edge") => Some(Kind::Edge),
+            Some("router") => Some(Kind::Router),
             _ => None,
         };
         let len = s.duration.map_or(5_000, |d| d.0);
@@ -871,6 +994,11 @@ impl World {
             Ev::Preposition(k) => self.publish(k, true),
             Ev::Curious => self.curious(),
             Ev::Outsider(i) => self.outsider(i),
+            Ev::TopologyPropose(k) => self.topology_propose(k),
+            Ev::TopologyRollback => self.topology_rollback(),
+            Ev::Grant(k) => self.grant(k),
+            Ev::GrantedFetch(k) => self.granted_fetch(k),
+            Ev::Revoke(k) => self.revoke(k),
             Ev::Heal => self.heal(),
             Ev::Converge => self.converge(),
         }
@@ -886,6 +1014,9 @@ impl World {
     /// messages in a large fleet).
     fn after_step(&mut self, i: usize, core: bool) {
         self.drain(i);
+        if core && self.topo.is_some() && self.nodes[i].core.is_some() {
+            self.observe_topology(i);
+        }
         let n = &mut self.nodes[i];
         if n.live() {
             if let Some(c) = n.core.as_ref().filter(|_| core) {
@@ -945,6 +1076,7 @@ impl World {
         }
         if self.nodes[i].kind != Kind::Outsider && self.nodes[i].announcer.poll_timeout().0 <= local
         {
+            self.check_claims(i);
             let holdings = self.holdings(i);
             if let Some(a) = self.nodes[i].announcer.handle_timeout(Timestamp(local), &holdings) {
                 self.announce(i, &a);
@@ -1134,6 +1266,11 @@ impl World {
     }
 
     fn housekeeping(&mut self, i: usize, local: u64) {
+        // Group commit: what was fetched is durable every few rounds (and before the node
+        // claims an object).
+        if (local / HOUSEKEEPING_MS).is_multiple_of(STORE_SYNC_ROUNDS) {
+            self.sync_store(i);
+        }
         let n = &mut self.nodes[i];
         if (local / HOUSEKEEPING_MS).is_multiple_of(5) {
             // Expiry walks every holder of every root: every few seconds is enough.
@@ -1201,6 +1338,10 @@ impl World {
             .collect();
         for c in stale {
             self.nodes[i].fetches.remove(&c);
+        }
+        if self.topo.is_some() {
+            self.router_tick(i, local);
+            self.manager_topology_tick(i, local);
         }
     }
 
@@ -1456,7 +1597,7 @@ impl World {
             }
             Action::Store { cid, bytes, from } => {
                 let _ = from;
-                self.store(i, cid, &bytes);
+                self.store_fetched(i, root, cid, &bytes);
             }
             Action::Penalize { peer, reason, disconnect } => {
                 self.record("penalize", i as u64, reason as u64);
@@ -1481,6 +1622,8 @@ impl World {
             Action::Complete { root: r, .. } => {
                 let purpose = self.nodes[i].fetches.remove(&r).map(|(_, p)| p);
                 self.record("complete", i as u64, 0);
+                // The store syncs before the node claims anything it fetched.
+                self.sync_store(i);
                 match purpose {
                     Some(Purpose::State) => {
                         if let Some(bytes) = content::read_file(&self.nodes[i].store, &r) {
@@ -1492,14 +1635,22 @@ impl World {
                             self.fatal(i, res);
                         }
                     }
-                    Some(Purpose::Replica) | Some(Purpose::Curious(_))
+                    Some(p @ (Purpose::Replica | Purpose::Curious(_) | Purpose::Topology))
                         if content::object_blocks(&self.nodes[i].store, &r).is_some() =>
                     {
+                        if matches!(p, Purpose::Curious(_)) {
+                            self.granted_reads += 1;
+                        }
                         self.nodes[i].complete.insert(r);
                         let local = self.nodes[i].local(self.now);
                         self.nodes[i].announcer.announce_soon(Timestamp(local));
                     }
-                    _ => {}
+                    _ => {
+                        // The fetch ended without the object (a block's write failed): the
+                        // plan's inputs may be back to what they were when it asked for the
+                        // fetch, so it must run again rather than be skipped as unchanged.
+                        self.nodes[i].last_plan = None;
+                    }
                 }
             }
             Action::Failed { root: r, reason } => {
@@ -1571,6 +1722,11 @@ impl World {
                 }
             }
             Msg::Frame { root, bytes } => self.on_frame(from, to, root, &bytes, local),
+            Msg::Topology(r) => {
+                if self.nodes[to].core.is_some() && self.is_member(to, from) {
+                    self.nodes[to].reports.insert(from, (local, r));
+                }
+            }
         }
     }
 
@@ -1658,6 +1814,7 @@ impl World {
                     return;
                 }
                 let Ok(rc) = mycel_proto::wire::cid(&r) else { return };
+                self.check_claims(to);
                 let complete = self.nodes[to].complete.contains(&rc);
                 if complete || self.nodes[to].fetches.contains_key(&rc) {
                     let f = Frame::Holding { req, root: r, complete };
@@ -1771,7 +1928,15 @@ impl World {
                         let latest_ok = self
                             .latest()
                             .is_some_and(|st| Self::may_read(st, fpeer.as_bytes(), &root_cid));
-                        if !latest_ok {
+                        let ns = Self::namespace(self.nodes[s].view(), &root_cid);
+                        if self.served_after_revocation(f, &ns) {
+                            let now = self.now;
+                            self.checker.fail(
+                                now,
+                                "safety:served-after-revocation",
+                                format!("node {s} served {root_cid} of {ns} to node {f} after the revocation of its grant committed there"),
+                            );
+                        } else if !latest_ok {
                             let now = self.now;
                             self.checker.fail(
                                 now,
@@ -1891,7 +2056,7 @@ impl World {
         // As the daemon does: one plan per namespace, with only the nodes that may read it
         // counted as storage.
         let mut by_ns: BTreeMap<String, Vec<PinSpec>> = BTreeMap::new();
-        for spec in pins {
+        for spec in pins.clone() {
             let ns = view
                 .pins
                 .get(&spec.root)
@@ -1913,12 +2078,63 @@ impl World {
             actions.extend(part.actions);
         }
         let p = plan::Plan { actions, pins: Vec::new() };
+        if std::env::var("MYCEL_SIM_PLAN_DEBUG").is_ok_and(|d| d == i.to_string()) {
+            for a in p.for_node(&me) {
+                let root = match a {
+                    plan::Action::Fetch { root, .. }
+                    | plan::Action::Cancel { root, .. }
+                    | plan::Action::Release { root, .. } => root,
+                };
+                let spec = pins.iter().find(|s| &s.root == root);
+                let holders: Vec<String> = nodes
+                    .iter()
+                    .filter_map(|n| {
+                        let j = self.by_peer.get(&PeerId::from_bytes(&n.node.id)?)?;
+                        let h = n.holdings.get(root)?;
+                        let ns = view
+                            .pins
+                            .get(root)
+                            .map_or(access::DEFAULT_NAMESPACE.to_string(), |p| p.namespace.clone());
+                        Some(format!(
+                            "{j}{}{}{}{}@{}",
+                            if matches!(h, Held::Complete) { "C" } else { "P" },
+                            if n.alive { "" } else { "(dead)" },
+                            if n.storage { "" } else { "(nostore)" },
+                            if may_read_namespace(view, &n.node.id, &ns) { "" } else { "(noread)" },
+                            n.node.zone
+                        ))
+                    })
+                    .collect();
+                eprintln!(
+                    "{} node {i}@{} {:?} min/max {:?} holders {holders:?}",
+                    self.now,
+                    self.nodes[i].zone,
+                    match a {
+                        plan::Action::Fetch { .. } => "fetch",
+                        plan::Action::Cancel { .. } => "cancel",
+                        plan::Action::Release { .. } => "release",
+                    },
+                    spec.map(|s| (
+                        s.replicas_min,
+                        s.replicas_max,
+                        s.zones.clone(),
+                        s.preposition.clone()
+                    ))
+                );
+            }
+        }
         let mut start = Vec::new();
         let mut cancel = Vec::new();
+        let mut release = Vec::new();
         for a in p.for_node(&me) {
             match a {
                 plan::Action::Fetch { root, .. } => {
-                    if let Ok(c) = Cid::from_bytes(root) {
+                    let skip = cfg!(feature = "sim-bugs")
+                        && self.bugs & crate::bugs::IGNORE_PREPOSITIONS != 0
+                        && view.pins.get(root).is_some_and(|p| !p.preposition.is_empty());
+                    if let Ok(c) = Cid::from_bytes(root)
+                        && !skip
+                    {
                         start.push(c);
                     }
                 }
@@ -1927,7 +2143,11 @@ impl World {
                         cancel.push(c);
                     }
                 }
-                plan::Action::Release { .. } => {}
+                plan::Action::Release { root, .. } => {
+                    if let Ok(c) = Cid::from_bytes(root) {
+                        release.push(c);
+                    }
+                }
             }
         }
         self.nodes[i].last_plan = Some(digest);
@@ -1935,6 +2155,9 @@ impl World {
             if matches!(self.nodes[i].fetches.get(&c), Some((_, Purpose::Replica))) {
                 self.nodes[i].fetches.remove(&c);
             }
+        }
+        for c in release {
+            self.release(i, c);
         }
         for c in start {
             if !self.nodes[i].complete.contains(&c) && !self.nodes[i].fetches.contains_key(&c) {
@@ -1972,6 +2195,7 @@ impl World {
         }
         let w = self.sc.workload.clone();
         let origins: Vec<usize> = (self.sc.managers as usize..self.members)
+            .filter(|&j| self.nodes[j].kind == Kind::Edge)
             .filter(|&j| self.nodes[j].live() && self.nodes[j].hostility == Hostility::Honest)
             .collect();
         let Some(&origin) = origins.choose(&mut self.rng) else { return };
@@ -2003,8 +2227,23 @@ impl World {
             zones: if restricted { vec![zone.clone()] } else { vec![] },
             tags: vec![],
             preposition: if preposition { vec![zone.clone()] } else { vec![] },
-            deadline_ms: 0,
+            deadline_ms: if preposition && w.preposition_deadline.0 > 0 {
+                local + w.preposition_deadline.0
+            } else {
+                0
+            },
         };
+        if pin.deadline_ms > 0 {
+            self.deadlines.push(grants::DeadlineRec {
+                root: obj.root,
+                at: self.nodes[origin].global(pin.deadline_ms),
+                len: obj.len,
+                targets: (0..self.members)
+                    .filter(|&j| self.nodes[j].kind == Kind::Edge && self.nodes[j].zone == zone)
+                    .count() as u64,
+                done: false,
+            });
+        }
         self.pin_by_root.insert(obj.root, self.pins.len());
         self.pins.push(PinRec { root: obj.root, namespace, zone: restricted.then_some(zone) });
         self.nodes[origin].proposals.push_back((vec![Command::AddPin(pin)], vec![obj.root]));
@@ -2024,6 +2263,7 @@ impl World {
         let Some(p) = restricted.choose(&mut self.rng).cloned() else { return };
         let zone = p.zone.clone().unwrap_or_default();
         let cands: Vec<usize> = (self.sc.managers as usize..self.members)
+            .filter(|&j| self.nodes[j].kind == Kind::Edge)
             .filter(|&j| self.nodes[j].live() && self.nodes[j].zone != zone)
             .collect();
         let Some(&i) = cands.choose(&mut self.rng) else { return };
@@ -2182,6 +2422,18 @@ impl World {
         n.banned.clear();
         n.timer_at = u64::MAX;
         n.paused_until = 0;
+        n.decider = None;
+        n.reports.clear();
+        // The fetches the last plan asked for are gone: the next plan must run.
+        n.last_plan = None;
+        // An apply record not yet synced is lost (the rename was not yet durable: the
+        // previous file and record are back).
+        if n.router.crash()
+            && let Some(f) = self.topo.as_mut()
+        {
+            f.stats.records_lost += 1;
+        }
+        self.tear_unsynced(i);
         self.record("crash", i as u64, 0);
     }
 
@@ -2202,11 +2454,16 @@ impl World {
             Timestamp(local),
             seed,
         );
+        // As the daemon does: sequence numbers start at the start time, so peers that
+        // remember a higher number from before the crash do not ignore the new ones.
+        n.announcer.start_seq_at(local);
         n.directory = Directory::new(3 * self.sc.announce_period.0);
         n.next_housekeeping = local;
         n.next_plan = local + 1_000;
         n.up_busy_us = self.now * 1000;
-        // The chunk store is durable: complete roots are found again by reading it.
+        self.recover_store(i);
+        let n = &mut self.nodes[i];
+        // Complete roots are found again by reading the store.
         let roots: Vec<Cid> = n.complete.iter().copied().collect();
         for r in roots {
             if content::object_blocks(&n.store, &r).is_none() {
@@ -2238,11 +2495,18 @@ impl World {
         let k = self.rng.gen_range(0..self.nodes[i].store.len());
         let Some((&cid, b)) = self.nodes[i].store.iter().nth(k) else { return };
         let b = b.clone();
+        // The other copy must be part of an object its node holds complete: a block left
+        // over from a fetch that did not finish (a write error, a crash) is served to no
+        // one who does not already know to ask.
         let healthy_elsewhere = (0..self.members).any(|j| {
+            let n = &self.nodes[j];
             j != i
-                && !self.nodes[j].dead
-                && self.nodes[j].hostility == Hostility::Honest
-                && self.nodes[j].store.get(&cid).is_some_and(|x| cid.matches(x))
+                && !n.dead
+                && n.hostility == Hostility::Honest
+                && n.store.get(&cid).is_some_and(|x| cid.matches(x))
+                && n.complete
+                    .iter()
+                    .any(|r| content::object_cids(&n.store, r).is_some_and(|c| c.contains(&cid)))
         });
         if !healthy_elsewhere {
             return;
@@ -2350,9 +2614,32 @@ impl World {
                 Some(_) => {}
             }
         }
+        self.check_deadlines();
+        if let (Some(config_ms), true, None) =
+            (self.conv.config_ms, self.topo.is_some(), self.conv.topology_ms)
+        {
+            match self.topology_short() {
+                None => self.conv.topology_ms = Some(since),
+                Some(why) if since > config_ms + routers::HEAL_TOPOLOGY_MS => {
+                    let now = self.now;
+                    self.checker.fail(
+                        now,
+                        "liveness:topology",
+                        format!(
+                            "{} s after the configuration converged: {why}",
+                            routers::HEAL_TOPOLOGY_MS / 1000
+                        ),
+                    );
+                    self.done = true;
+                    return;
+                }
+                Some(_) => {}
+            }
+        }
         if self.conv.leader_ms.is_some()
             && self.conv.config_ms.is_some()
             && self.conv.replicas_ms.is_some()
+            && (self.topo.is_none() || self.conv.topology_ms.is_some())
         {
             self.done = true;
             return;
@@ -2382,12 +2669,24 @@ impl World {
     /// Why some acknowledged pin is below its minimum (or a pre-position incomplete), from
     /// what nodes really hold.
     fn replicas_short(&self) -> Option<String> {
-        let leader = self.agreed_leader()?;
+        self.pins_short(None)
+    }
+
+    /// [`World::replicas_short`] for the pre-position of `root` alone.
+    fn preposition_short(&self, root: &Cid) -> Option<String> {
+        self.pins_short(Some(root))
+    }
+
+    fn pins_short(&self, only: Option<&Cid>) -> Option<String> {
+        let Some(leader) = self.agreed_leader() else {
+            return Some("no agreed leader".into());
+        };
         let state = self.nodes[leader].core.as_ref()?.state();
         let pins: Vec<PinSpec> = state
             .pins
             .values()
             .filter(|p| Cid::from_bytes(&p.root).is_ok_and(|c| self.acked_pins.contains(&c)))
+            .filter(|p| only.is_none_or(|o| o.to_bytes()[..] == p.root[..]))
             .map(|p| PinSpec {
                 root: p.root.clone(),
                 replicas_min: p.replicas_min,
@@ -2585,7 +2884,7 @@ impl World {
         Report {
             seed: self.seed,
             scenario: self.sc.name.clone(),
-            scenario_hash: self.sc.hash(),
+            scenario_hash: self.scenario_hash.clone(),
             nodes: self.nodes.len() as u32,
             simulated_ms: self.now,
             events: self.events,
@@ -2599,6 +2898,11 @@ impl World {
             faults: self.faults.clone(),
             convergence: self.conv.clone(),
             violations,
+            topology: self.topo.as_ref().map(|t| t.stats.clone()),
+            releases: self.releases,
+            granted_reads: self.granted_reads,
+            deadlines_met: self.deadline_counts.0,
+            deadlines_not_required: self.deadline_counts.1,
             trace_hash: self.trace.finalize().to_hex().to_string(),
             commit: COMMIT.into(),
         }
@@ -2614,7 +2918,8 @@ fn may_read_namespace(state: &ClusterState, who: &[u8], ns: &str) -> bool {
         .map(|g| (g.subject.as_str(), g.permission.as_str(), g.namespace.as_str()));
     // The base58 form of the PeerId is only needed by `member:` grants; encoding it for every
     // check dominated large fleets' plans.
-    let peer = if state.grants.iter().any(|g| g.subject.starts_with("member:")) {
+    let peer = if state.grants.iter().any(|g| g.namespace == ns && g.subject.starts_with("member:"))
+    {
         Subject::new(who, "", "", &[]).peer
     } else {
         String::new()

@@ -34,6 +34,8 @@ fn every_planted_bug_is_caught_within_200_seeds() {
             "ack-before-fsync" => "safety:",
             "vote-twice" => "one-",
             "serve-without-grant" => "read-grant",
+            "router-applies-staged" => "topology-uncommitted",
+            "ignore-prepositions" => "preposition-deadline",
             _ => unreachable!(),
         };
         assert!(what.contains(expected), "{name} caught by an unexpected check: {what}");

@@ -44,7 +44,9 @@ fn convert_table(text: &str, table: &DeTable<'_>, depth: u32) -> Result<Value, E
 }
 
 fn convert(text: &str, value: &Spanned<DeValue<'_>>, depth: u32) -> Result<Value, Error> {
-    let (line, column) = position(text, value.span().start);
+    // The position is only for an error: computing it scans the text from its start, and
+    // doing that for every value made parsing quadratic.
+    let at = || position(text, value.span().start);
     let literal = || text.get(value.span()).unwrap_or_default().trim().to_owned();
     Ok(match value.get_ref() {
         DeValue::String(s) => Value::String(s.to_string()),
@@ -52,38 +54,43 @@ fn convert(text: &str, value: &Spanned<DeValue<'_>>, depth: u32) -> Result<Value
         DeValue::Datetime(datetime) => Value::String(datetime.to_string()),
         DeValue::Integer(integer) => {
             // TOML integers are signed 64-bit; larger literals are refused rather than widened.
-            let number = i64::from_str_radix(integer.as_str(), integer.radix())
-                .map_err(|_| Error::IntegerOutOfRange { text: literal(), line, column })?;
+            let number = i64::from_str_radix(integer.as_str(), integer.radix()).map_err(|_| {
+                let (line, column) = at();
+                Error::IntegerOutOfRange { text: literal(), line, column }
+            })?;
             Value::Number(Number::from(number))
         }
         DeValue::Float(float) => {
-            let parsed: f64 = float.as_str().parse().map_err(|_| Error::Syntax {
-                format: Format::Toml,
-                message: format!("invalid float {}", literal()),
-                line,
-                column,
+            let parsed: f64 = float.as_str().parse().map_err(|_| {
+                let (line, column) = at();
+                Error::Syntax {
+                    format: Format::Toml,
+                    message: format!("invalid float {}", literal()),
+                    line,
+                    column,
+                }
             })?;
-            let number = Number::from_f64(parsed).ok_or_else(|| Error::NonFinite {
-                text: literal(),
-                line,
-                column,
+            let number = Number::from_f64(parsed).ok_or_else(|| {
+                let (line, column) = at();
+                Error::NonFinite { text: literal(), line, column }
             })?;
             Value::Number(number)
         }
         DeValue::Array(items) => {
-            check_depth(depth + 1, line, column)?;
+            check_depth(depth + 1, at)?;
             let items = items.iter().map(|item| convert(text, item, depth + 1));
             Value::Array(items.collect::<Result<_, _>>()?)
         }
         DeValue::Table(table) => {
-            check_depth(depth + 1, line, column)?;
+            check_depth(depth + 1, at)?;
             convert_table(text, table, depth + 1)?
         }
     })
 }
 
-fn check_depth(depth: u32, line: u32, column: u32) -> Result<(), Error> {
+fn check_depth(depth: u32, at: impl Fn() -> (u32, u32)) -> Result<(), Error> {
     if depth > DEPTH_MAX {
+        let (line, column) = at();
         return Err(Error::TooDeep { depth_max: DEPTH_MAX, line, column });
     }
     Ok(())
@@ -264,6 +271,32 @@ fn write_inline(value: &Value, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::disallowed_methods, reason = "a test measuring that parsing is linear")]
+    fn values_convert_in_linear_time() {
+        // A megabyte of numbers on one line converts in well under a second; each value's
+        // line and column used to be computed from the start of the text even when it
+        // converted, which took about a minute. Errors still name the position.
+        let mut text = String::from("a = [");
+        for i in 0..200_000 {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push_str("12345");
+        }
+        text.push_str("]\n");
+        let started = std::time::Instant::now();
+        let value = parse(&text).unwrap();
+        let took = started.elapsed();
+        let Value::Object(map) = value else { panic!("a table") };
+        assert!(matches!(&map["a"], Value::Array(items) if items.len() == 200_000));
+        assert!(took.as_secs() < 5, "parsing took {took:?}");
+        match parse("a = 1\nb = 99999999999999999999\n") {
+            Err(Error::IntegerOutOfRange { line: 2, column: 5, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn datetimes_become_rfc3339_strings() {

@@ -151,6 +151,7 @@ on m1 topology status backbone
 say "roll back: version 1 is made active again through the same commit"
 on m1 topology activate backbone --version 1
 for _ in $(seq 300); do [ "$(active)" = 1 ] && ! grep -q '"metric": 25' "$WORK/r2-backbone.json" && break; sleep 0.2; done
+for _ in $(seq 100); do [ "$(applied)" = "1 1" ] && break; sleep 0.2; done
 on m1 topology history backbone
 
 say "kill -9 the Raft leader: the others elect a new one and keep committing"

@@ -14,19 +14,13 @@ READY_S="${READY_S:-60}"
 SETTLE_S="${SETTLE_S:-1}"   # after B is ready, so that the get does not time the dial
 
 W=""; IN=""; OUT=""; OWN_IN=0; PIDS=()
+# This script's own files, then lib.sh's cleanup_work (daemon logs on failure, the daemons,
+# $W) with the script's exit status.
 cleanup() {
-    local status=$? pid log
-    # On failure, the daemons' last words before their data directories go.
-    if [ "$status" != 0 ] && [ -n "$W" ]; then
-        for log in "$W"/*.log; do
-            [ -f "$log" ] && { echo "== $log" >&2; tail -20 "$log" >&2; }
-        done
-    fi
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    if [ -n "$W" ]; then rm -rf "$W"; fi
+    local status=$?
     if [ -n "$OUT" ]; then rm -f "$OUT"; fi
     if [ "$OWN_IN" = 1 ]; then rm -f "$IN"; fi
+    cleanup_work "$status"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM

@@ -37,10 +37,11 @@ assert tomllib.loads(text)['cluster']['members'] == members, path
 open(path, 'w').write(text)
 PY
 }
-# cleanup_work: on failure prints the tail of every log in $W; stops every daemon in PIDS and
-# removes $W (for an EXIT trap: the exit status is the script's).
+# cleanup_work [STATUS]: on failure prints the tail of every log in $W; stops every daemon in
+# PIDS and removes $W (for an EXIT trap: the exit status is the script's, or STATUS when a
+# script's own cleanup calls it).
 cleanup_work() {
-    local status=$? pid log
+    local status=${1:-$?} pid log
     if [ "$status" != 0 ] && [ -n "$W" ]; then
         for log in "$W"/*.log; do
             [ -f "$log" ] && { echo "== $log" >&2; tail -20 "$log" >&2; }

@@ -191,31 +191,22 @@ impl BlockSource for StoreSource<'_> {
 
 /// Every block CID of the object `root` in `store`, or `None` if one is missing or corrupt.
 pub fn object_blocks(store: &BTreeMap<Cid, Rc<[u8]>>, root: &Cid) -> Option<Vec<Cid>> {
-    let source = StoreSource(store);
-    let r = manifest::read_root(&source, root).ok()?;
-    let mut cids = vec![*root];
-    let mut nodes = Vec::new();
-    let mut visit = |c: &Cid, _: usize| nodes.push(*c);
-    for entry in Leaves::new(&source, r.kind, r.tree, r.len).with_visitor(&mut visit) {
-        match entry.ok()? {
-            NodeEntry::Chunk { cid, .. } => {
-                if !store.get(&cid).is_some_and(|b| cid.matches(b)) {
-                    return None;
-                }
-                cids.push(cid);
-            }
-            NodeEntry::Hole { .. } => {}
-            _ => return None,
-        }
-    }
-    cids.extend(nodes);
-    Some(cids)
+    walk_object(store, root, |cid| store.get(cid).is_some_and(|b| cid.matches(b)))
 }
 
 /// Every block CID of the object `root` in `store`, or `None` if one is missing: like
 /// [`object_blocks`], but chunks are only looked up, not hashed (manifest blocks are read,
 /// and verified as they are). For bookkeeping that must not cost a hash of every byte.
 pub fn object_cids(store: &BTreeMap<Cid, Rc<[u8]>>, root: &Cid) -> Option<Vec<Cid>> {
+    walk_object(store, root, |cid| store.contains_key(cid))
+}
+
+/// The root, every chunk (each accepted by `chunk_ok`) and every manifest node of `root`.
+fn walk_object(
+    store: &BTreeMap<Cid, Rc<[u8]>>,
+    root: &Cid,
+    chunk_ok: impl Fn(&Cid) -> bool,
+) -> Option<Vec<Cid>> {
     let source = StoreSource(store);
     let r = manifest::read_root(&source, root).ok()?;
     let mut cids = vec![*root];
@@ -223,7 +214,7 @@ pub fn object_cids(store: &BTreeMap<Cid, Rc<[u8]>>, root: &Cid) -> Option<Vec<Ci
     let mut visit = |c: &Cid, _: usize| nodes.push(*c);
     for entry in Leaves::new(&source, r.kind, r.tree, r.len).with_visitor(&mut visit) {
         match entry.ok()? {
-            NodeEntry::Chunk { cid, .. } if store.contains_key(&cid) => cids.push(cid),
+            NodeEntry::Chunk { cid, .. } if chunk_ok(&cid) => cids.push(cid),
             NodeEntry::Hole { .. } => {}
             _ => return None,
         }

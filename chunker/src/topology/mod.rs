@@ -367,6 +367,12 @@ pub fn render(value: &Value, format: Format) -> Result<Vec<u8>, Error> {
     Ok(text.into_bytes())
 }
 
+/// `n` copies of `12345`, comma-separated, on one line (the parsers' linear-time tests).
+#[cfg(test)]
+pub(crate) fn numbers_line(n: usize) -> String {
+    vec!["12345"; n].join(",")
+}
+
 /// The 1-based line and column (in Unicode scalar values) of `byte_offset` in `text`.
 ///
 /// Offsets past the end or inside a character are clamped to the previous boundary.

@@ -598,7 +598,8 @@ impl Daemon {
     }
 
     /// Dials a member at its committed addresses (libp2p keeps no addresses for a peer known
-    /// only by its PeerId, so dialling by id alone fails between edges).
+    /// only by its PeerId, so dialling by id alone fails between edges), unless connected or
+    /// a dial is under way.
     fn dial_member(&mut self, peer: PeerId) {
         let addrs: Vec<Multiaddr> = self
             .cluster_state()
@@ -2209,24 +2210,16 @@ impl Daemon {
         self.next_follow = now + Duration::from_millis(500);
         // Stay connected to every manager (Raft needs manager-to-manager links; members need
         // a manager to follow).
-        let managers: Vec<(PeerId, Vec<Multiaddr>)> = self
+        let managers: Vec<PeerId> = self
             .cluster_state()
             .members
             .values()
-            .filter(|m| m.role == Role::Manager)
-            .filter_map(|m| {
-                let p = PeerId::from_bytes(&m.peer).ok()?;
-                Some((p, m.addrs.iter().filter_map(|a| a.parse().ok()).collect()))
-            })
+            .filter(|m| m.role == Role::Manager && !m.addrs.is_empty())
+            .filter_map(|m| PeerId::from_bytes(&m.peer).ok())
+            .filter(|p| *p != self.me && !self.connected.contains_key(p))
             .collect();
-        for (p, addrs) in managers {
-            if p == self.me || self.connected.contains_key(&p) || addrs.is_empty() {
-                continue;
-            }
-            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(p).addresses(addrs).build();
-            if let Err(e) = self.swarm.dial(opts) {
-                tracing::debug!(peer = %p, "dialing manager: {e}");
-            }
+        for p in managers {
+            self.dial_member(p);
         }
         // A pending join: present the token.
         if let Some(token) = self.joining.clone()

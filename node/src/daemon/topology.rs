@@ -554,19 +554,7 @@ impl Daemon {
             .filter(|p| *p != self.me && !self.connected.contains_key(p))
             .collect();
         for p in holders {
-            let addrs: Vec<libp2p::Multiaddr> = self
-                .cluster_state()
-                .members
-                .get(&p.to_bytes())
-                .map(|m| m.addrs.iter().filter_map(|a| a.parse().ok()).collect())
-                .unwrap_or_default();
-            if addrs.is_empty() {
-                continue;
-            }
-            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(p).addresses(addrs).build();
-            if let Err(e) = self.swarm.dial(opts) {
-                tracing::debug!(peer = %p, "topology: dialing a holder: {e}");
-            }
+            self.dial_member(p);
         }
     }
 

@@ -54,17 +54,18 @@ fn spawn_get(node: &Node, root: &str, out: &std::path::Path) -> Result<std::proc
 
 #[test]
 fn fan_in_takes_a_share_from_every_holder() -> Result<()> {
-    // A 256 MiB object on A and B, each uploading at most 40 MB/s: C's get takes at least
-    // 25% of the bytes from each, and the result is byte-identical.
+    // A 64 MiB object on A and B, each uploading at most 10 MB/s: C's get takes at least
+    // 25% of the bytes from each, and the result is byte-identical. (Sizes stay small: CI
+    // machines may have little free disk, and every node keeps its own copy.)
     let _s = serial();
     let nodes = mesh(3)?;
     let (a, b, c) = (&nodes[0].0, &nodes[1].0, &nodes[2].0);
     for n in [a, b] {
-        n.set_config("upload_bytes_per_sec", "40000000")?;
+        n.set_config("upload_bytes_per_sec", "10000000")?;
     }
     let tmp = tempfile::tempdir()?;
     let src = tmp.path().join("obj.bin");
-    fs::write(&src, random_bytes(31, 256 << 20))?;
+    fs::write(&src, random_bytes(31, 64 << 20))?;
     let ra = a.start(&[])?;
     b.set_bootstrap(&[&ra.addr])?;
     let rb = b.start(&[])?;
@@ -77,7 +78,7 @@ fn fan_in_takes_a_share_from_every_holder() -> Result<()> {
     assert_eq!(file_hash(&out)?, file_hash(&src)?);
     let by_peer = report["by_peer"].as_object().context("by_peer")?;
     let total: u64 = by_peer.values().filter_map(serde_json::Value::as_u64).sum();
-    assert!(total >= 256 << 20, "received {total}");
+    assert!(total >= 64 << 20, "received {total}");
     for (peer, name) in [(&nodes[0].1, "A"), (&nodes[1].1, "B")] {
         let got = by_peer.get(peer).and_then(serde_json::Value::as_u64).unwrap_or(0);
         assert!(got * 4 >= total, "{name} sent {got} of {total}: {report}");
@@ -88,7 +89,7 @@ fn fan_in_takes_a_share_from_every_holder() -> Result<()> {
 
 #[test]
 fn failover_after_kill_and_resume_after_restart() -> Result<()> {
-    // C fetches 256 MiB from A and B (each capped at 20 MB/s). At 30-60% A is killed with
+    // C fetches 64 MiB from A and B (each capped at 5 MB/s). At 30-60% A is killed with
     // -9: C finishes from B with the right bytes, re-requesting at most what was in flight.
     // Then D fetches from B, is killed at about 50% and restarted: its second get receives
     // at most the remaining bytes plus one window.
@@ -96,11 +97,11 @@ fn failover_after_kill_and_resume_after_restart() -> Result<()> {
     let nodes = mesh(4)?;
     let (a, b, c, d) = (&nodes[0].0, &nodes[1].0, &nodes[2].0, &nodes[3].0);
     for n in [a, b] {
-        n.set_config("upload_bytes_per_sec", "20000000")?;
+        n.set_config("upload_bytes_per_sec", "5000000")?;
     }
     let tmp = tempfile::tempdir()?;
     let src = tmp.path().join("obj.bin");
-    let size: u64 = 256 << 20;
+    let size: u64 = 64 << 20;
     fs::write(&src, random_bytes(32, size as usize))?;
     let mut ra = a.start(&[])?;
     b.set_bootstrap(&[&ra.addr])?;

@@ -63,8 +63,36 @@ pub fn score(root: &[u8], node: &[u8], weight: f64) -> f64 {
     -weight / log_draw(root, node)
 }
 
-/// One root's draws: node fingerprint -> (node id, ln(u)).
-type Draws = BTreeMap<u64, (Vec<u8>, f64)>;
+/// One root's draws.
+#[derive(Debug, Default)]
+struct Draws {
+    /// Every node drawn: (node id, ln(u)).
+    drawn: Vec<(Vec<u8>, f64)>,
+    /// Node fingerprint -> index in `drawn`.
+    by_node: BTreeMap<u64, usize>,
+    /// Indices in `drawn` of the last ranking's candidates, in their order: a planner ranks
+    /// the same members in the same order every period, so a candidate is checked against
+    /// one slot and the ordered map is searched only for what moved.
+    last: Vec<usize>,
+}
+
+impl Draws {
+    /// `node`'s index in `drawn`, drawing it if new.
+    fn find_or_draw(&mut self, root: &[u8], node: &[u8]) -> usize {
+        let key = fingerprint(node);
+        match self.by_node.get(&key) {
+            Some(&k) if self.drawn[k].0 == node => k,
+            found => {
+                self.drawn.push((node.to_vec(), log_draw(root, node)));
+                // Another node with the same last 8 bytes keeps the slot it has.
+                if found.is_none() {
+                    self.by_node.insert(key, self.drawn.len() - 1);
+                }
+                self.drawn.len() - 1
+            }
+        }
+    }
+}
 
 /// Remembered draws, so that planning the same pins over the same nodes again (every plan
 /// period) costs no hashing. Only the draw is kept (weights change with every report); the
@@ -85,29 +113,33 @@ impl ScoreCache {
     /// Most draws kept (about 100 bytes each).
     pub const ENTRIES_MAX: usize = 1 << 20;
 
-    /// [`score`], remembered.
-    pub fn score(&mut self, root: &[u8], node: &[u8], weight: f64) -> f64 {
+    /// [`score`] of each candidate for `root`, in order, remembered.
+    pub fn scores(&mut self, root: &[u8], candidates: &[&Candidate]) -> Vec<f64> {
         if self.entries >= Self::ENTRIES_MAX {
             self.by_root.clear();
             self.entries = 0;
         }
-        let per_root = match self.by_root.get_mut(root) {
-            Some(m) => m,
+        let draws = match self.by_root.get_mut(root) {
+            Some(d) => d,
             None => self.by_root.entry(root.to_vec()).or_default(),
         };
-        let key = fingerprint(node);
-        let ln = match per_root.get(&key) {
-            Some((id, ln)) if id.as_slice() == node => *ln,
-            // Another node with the same last 8 bytes: computed, not kept.
-            Some(_) => log_draw(root, node),
-            None => {
-                let ln = log_draw(root, node);
-                per_root.insert(key, (node.to_vec(), ln));
-                self.entries += 1;
-                ln
-            }
-        };
-        -weight / ln
+        let before = draws.drawn.len();
+        let mut last = Vec::with_capacity(candidates.len());
+        let scores = candidates
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let k = match draws.last.get(i) {
+                    Some(&k) if draws.drawn[k].0 == c.id => k,
+                    _ => draws.find_or_draw(root, &c.id),
+                };
+                last.push(k);
+                -weight(c) / draws.drawn[k].1
+            })
+            .collect();
+        draws.last = last;
+        self.entries += draws.drawn.len() - before;
+        scores
     }
 }
 
@@ -119,7 +151,7 @@ pub fn rank(root: &[u8], candidates: &[Candidate]) -> Vec<usize> {
 
 /// [`rank`] over borrowed candidates, with remembered draws.
 pub fn rank_cached(root: &[u8], candidates: &[&Candidate], cache: &mut ScoreCache) -> Vec<usize> {
-    let scores: Vec<f64> = candidates.iter().map(|c| cache.score(root, &c.id, weight(c))).collect();
+    let scores = cache.scores(root, candidates);
     let mut order: Vec<usize> = (0..candidates.len()).collect();
     order.sort_by(|&a, &b| {
         scores[b].total_cmp(&scores[a]).then_with(|| candidates[a].id.cmp(&candidates[b].id))
@@ -215,13 +247,36 @@ mod tests {
                 let r = root.to_be_bytes();
                 let refs: Vec<&Candidate> = nodes.iter().collect();
                 assert_eq!(rank_cached(&r, &refs, &mut cache), rank(&r, &nodes));
-                for c in &nodes {
-                    let want = score(&r, &c.id, weight(c));
-                    assert_eq!(cache.score(&r, &c.id, weight(c)).to_bits(), want.to_bits());
+                // In the same order, in another (every slot moved), and a subset.
+                let reversed: Vec<&Candidate> = nodes.iter().rev().collect();
+                let odd: Vec<&Candidate> = nodes.iter().skip(1).step_by(2).collect();
+                for refs in [&refs, &reversed, &odd, &refs] {
+                    let want: Vec<u64> =
+                        refs.iter().map(|c| score(&r, &c.id, weight(c)).to_bits()).collect();
+                    let got: Vec<u64> =
+                        cache.scores(&r, refs).into_iter().map(f64::to_bits).collect();
+                    assert_eq!(got, want);
                 }
             }
         }
         assert_eq!(cache.entries, 20 * 50, "one draw per root and node");
+    }
+
+    #[test]
+    fn nodes_sharing_a_fingerprint_get_their_own_draws() {
+        // Ids equal in their last 8 bytes (the cache's ordered key) differ in the first.
+        let nodes: Vec<Candidate> = (0..6u8)
+            .map(|i| Candidate { id: [&[i][..], &[7; 12]].concat(), ..node(0, "a") })
+            .collect();
+        let mut cache = ScoreCache::default();
+        let refs: Vec<&Candidate> = nodes.iter().collect();
+        let rev: Vec<&Candidate> = nodes.iter().rev().collect();
+        for refs in [&refs, &rev, &refs] {
+            let want: Vec<u64> =
+                refs.iter().map(|c| score(b"root", &c.id, weight(c)).to_bits()).collect();
+            let got: Vec<u64> = cache.scores(b"root", refs).into_iter().map(f64::to_bits).collect();
+            assert_eq!(got, want);
+        }
     }
 
     #[test]

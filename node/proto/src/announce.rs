@@ -158,6 +158,32 @@ pub struct Directory {
     nodes: BTreeMap<PeerId, NodeInfo>,
 }
 
+/// `peer` holds `root` (tracked in `tracked`, the roots known of `peer`), as of `now`.
+fn record(
+    roots: &mut BTreeMap<Cid, BTreeMap<PeerId, Seen>>,
+    tracked: &mut BTreeSet<Cid>,
+    peer: PeerId,
+    root: Cid,
+    complete: bool,
+    now: Timestamp,
+    progress: Option<(u64, u64)>,
+) {
+    if tracked.len() >= NODE_ROOTS_MAX && !tracked.contains(&root) {
+        return;
+    }
+    tracked.insert(root);
+    let seen = roots.entry(root).or_default().entry(peer).or_insert(Seen {
+        complete,
+        at: now,
+        progress: None,
+    });
+    seen.complete = complete;
+    seen.at = now;
+    if progress.is_some() || complete {
+        seen.progress = progress;
+    }
+}
+
 impl Directory {
     /// A directory forgetting holders not heard from for `expiry_ms` (per announcement page).
     pub fn new(expiry_ms: u64) -> Directory {
@@ -191,59 +217,46 @@ impl Directory {
         for p in &a.partial {
             partial.push((crate::wire::cid(&p.root)?, (p.done_bytes, p.total_bytes)));
         }
-        if let Some(info) = self.nodes.get(&from)
-            && info.seq >= a.seq
-        {
-            return Ok(()); // duplicate or reordered: keep the newer state
+        match self.nodes.get_mut(&from) {
+            Some(info) if info.seq >= a.seq => return Ok(()), // duplicate or reordered
+            Some(info) => {
+                if info.zone != a.zone {
+                    info.zone.clone_from(&a.zone);
+                }
+                info.seq = a.seq;
+                info.seen = now;
+                info.load = a.load;
+                info.free_bytes = a.free_bytes;
+                info.pages = a.pages.max(1);
+            }
+            None => {
+                self.nodes.insert(
+                    from,
+                    NodeInfo {
+                        zone: a.zone.clone(),
+                        seq: a.seq,
+                        seen: now,
+                        load: a.load,
+                        free_bytes: a.free_bytes,
+                        pages: a.pages.max(1),
+                    },
+                );
+            }
         }
-        self.nodes.insert(
-            from,
-            NodeInfo {
-                zone: a.zone.clone(),
-                seq: a.seq,
-                seen: now,
-                load: a.load,
-                free_bytes: a.free_bytes,
-                pages: a.pages.max(1),
-            },
-        );
+        let tracked = self.by_node.entry(from).or_default();
         for root in roots {
-            self.record(from, root, true, now, None);
+            record(&mut self.roots, tracked, from, root, true, now, None);
         }
         for (root, progress) in partial {
-            self.record(from, root, false, now, Some(progress));
+            record(&mut self.roots, tracked, from, root, false, now, Some(progress));
         }
         Ok(())
     }
 
     /// A who-has answer: `from` holds `root` (completely or in part).
     pub fn handle_holding(&mut self, from: PeerId, root: Cid, complete: bool, now: Timestamp) {
-        self.record(from, root, complete, now, None);
-    }
-
-    fn record(
-        &mut self,
-        peer: PeerId,
-        root: Cid,
-        complete: bool,
-        now: Timestamp,
-        progress: Option<(u64, u64)>,
-    ) {
-        let tracked = self.by_node.entry(peer).or_default();
-        if !tracked.contains(&root) && tracked.len() >= NODE_ROOTS_MAX {
-            return;
-        }
-        tracked.insert(root);
-        let seen = self.roots.entry(root).or_default().entry(peer).or_insert(Seen {
-            complete,
-            at: now,
-            progress: None,
-        });
-        seen.complete = complete;
-        seen.at = now;
-        if progress.is_some() || complete {
-            seen.progress = progress;
-        }
+        let tracked = self.by_node.entry(from).or_default();
+        record(&mut self.roots, tracked, from, root, complete, now, None);
     }
 
     /// A peer left the mesh: forget what it held.

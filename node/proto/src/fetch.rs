@@ -636,69 +636,85 @@ impl Fetch {
     }
 
     fn assign(&mut self, now: Timestamp) -> Option<Action> {
-        // Same-zone peers first, then the least filled window; ties by PeerId.
+        if self.pending.is_empty() {
+            return None;
+        }
+        // Same-zone peers first, then the least filled window; ties by PeerId. The best peer
+        // nearly always takes work, so it is found in one pass; the rest are sorted only when
+        // it lacks everything pending (a fleet's fetch can have a thousand peers).
+        let mut open =
+            self.peers.iter().filter(|(_, p)| p.inflight < p.window).map(|(id, p)| {
+                (!p.same_zone, u64::from(p.inflight) * 1000 / u64::from(p.window), *id)
+            });
+        let best = open.next()?;
+        let best = open.fold(best, std::cmp::min);
+        if let Some(a) = self.assign_to(best.2, now) {
+            return Some(a);
+        }
         let mut order: Vec<(bool, u64, PeerId)> = self
             .peers
             .iter()
-            .filter(|(_, p)| p.inflight < p.window)
+            .filter(|(id, p)| p.inflight < p.window && **id != best.2)
             .map(|(id, p)| (!p.same_zone, u64::from(p.inflight) * 1000 / u64::from(p.window), *id))
             .collect();
         order.sort();
-        for (_, _, peer) in order {
-            let (free, batch) = {
-                let p = &self.peers[&peer];
-                ((p.window - p.inflight) as usize, self.config.want_batch)
-            };
-            let take = free.min(batch);
-            let mut cids = Vec::new();
-            let mut wants = Vec::new();
-            // Manifest nodes wait while enough are already read but unexpanded (bounds memory).
-            let nodes_ok = self.deferred.len() < DEFERRED_MAX;
-            for (qi, queue) in
-                [&mut self.pending_nodes, &mut self.pending_chunks].into_iter().enumerate()
-            {
-                if qi == 0 && !nodes_ok {
-                    continue;
-                }
-                let lacks = &self.peers[&peer].lacks;
-                let pending = &mut self.pending;
-                let mut i = 0;
-                while i < queue.len() && cids.len() < take {
-                    let c = queue[i].0;
-                    if !pending.contains_key(&c) {
-                        queue.remove(i); // stale: it arrived or moved meanwhile
-                        continue;
-                    }
-                    if lacks.contains(&c) {
-                        i += 1;
-                        continue;
-                    }
-                    let (c, w) = queue.remove(i).expect("index in range");
-                    pending.remove(&c);
-                    cids.push(c);
-                    wants.push(w);
-                }
-                // Manifest nodes are requested alone first: they unlock the most work.
-                if !cids.is_empty() {
-                    break;
-                }
-            }
-            if cids.is_empty() {
+        order.into_iter().find_map(|(_, _, peer)| self.assign_to(peer, now))
+    }
+
+    /// Up to one batch of pending work for `peer` (which has room in its window), as a
+    /// request; `None` if it lacks everything pending.
+    fn assign_to(&mut self, peer: PeerId, now: Timestamp) -> Option<Action> {
+        let take = {
+            let p = &self.peers[&peer];
+            ((p.window - p.inflight) as usize).min(self.config.want_batch)
+        };
+        let mut cids = Vec::new();
+        let mut wants = Vec::new();
+        // Manifest nodes wait while enough are already read but unexpanded (bounds memory).
+        let nodes_ok = self.deferred.len() < DEFERRED_MAX;
+        for (qi, queue) in
+            [&mut self.pending_nodes, &mut self.pending_chunks].into_iter().enumerate()
+        {
+            if qi == 0 && !nodes_ok {
                 continue;
             }
-            let req = self.next_req;
-            self.next_req += 1;
-            let deadline = now.plus_ms(self.config.timeout_ms);
-            for (c, w) in cids.iter().zip(wants) {
-                if !self.requested_once.insert(*c) {
-                    self.rerequested += 1;
+            let lacks = &self.peers[&peer].lacks;
+            let pending = &mut self.pending;
+            let mut i = 0;
+            while i < queue.len() && cids.len() < take {
+                let c = queue[i].0;
+                if !pending.contains_key(&c) {
+                    queue.remove(i); // stale: it arrived or moved meanwhile
+                    continue;
                 }
-                self.inflight.insert(*c, InFlight { peer, want: w, deadline });
+                if lacks.contains(&c) {
+                    i += 1;
+                    continue;
+                }
+                let (c, w) = queue.remove(i).expect("index in range");
+                pending.remove(&c);
+                cids.push(c);
+                wants.push(w);
             }
-            self.peers.get_mut(&peer).expect("peer exists").inflight += cids.len() as u32;
-            return Some(Action::Request { peer, req, root: self.root, cids });
+            // Manifest nodes are requested alone first: they unlock the most work.
+            if !cids.is_empty() {
+                break;
+            }
         }
-        None
+        if cids.is_empty() {
+            return None;
+        }
+        let req = self.next_req;
+        self.next_req += 1;
+        let deadline = now.plus_ms(self.config.timeout_ms);
+        for (c, w) in cids.iter().zip(wants) {
+            if !self.requested_once.insert(*c) {
+                self.rerequested += 1;
+            }
+            self.inflight.insert(*c, InFlight { peer, want: w, deadline });
+        }
+        self.peers.get_mut(&peer).expect("peer exists").inflight += cids.len() as u32;
+        Some(Action::Request { peer, req, root: self.root, cids })
     }
 
     /// Progress so far.

@@ -6,7 +6,11 @@ use std::fmt;
 pub const PEER_ID_BYTES_MAX: usize = 64;
 
 /// A peer's identity: the bytes of its libp2p PeerId (a multihash), opaque to the core.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+///
+/// Ordered by length, then bytes (as derived), but compared eight bytes at a time: PeerIds
+/// share a multihash prefix, and ordered maps keyed by them are on every hot path, where a
+/// `memcmp` call per comparison cost a sixth of a 1,000-node simulation.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerId {
     len: u8,
     bytes: [u8; PEER_ID_BYTES_MAX],
@@ -26,6 +30,27 @@ impl PeerId {
     /// The bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len as usize]
+    }
+}
+
+impl Ord for PeerId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let (a, b) = (self.bytes.as_chunks::<8>().0, other.bytes.as_chunks::<8>().0);
+        self.len.cmp(&other.len).then_with(|| {
+            for (x, y) in a.iter().zip(b) {
+                let (x, y) = (u64::from_be_bytes(*x), u64::from_be_bytes(*y));
+                if x != y {
+                    return x.cmp(&y);
+                }
+            }
+            std::cmp::Ordering::Equal
+        })
+    }
+}
+
+impl PartialOrd for PeerId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -55,5 +80,30 @@ impl Timestamp {
     /// Milliseconds since `earlier` (0 if not earlier).
     pub fn since(self, earlier: Timestamp) -> u64 {
         self.0.saturating_sub(earlier.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The hand-written order is the derived one: by length, then bytes.
+        #[test]
+        fn peer_ids_order_by_length_then_bytes(
+            a in proptest::collection::vec(any::<u8>(), 1..=PEER_ID_BYTES_MAX),
+            b in proptest::collection::vec(any::<u8>(), 1..=PEER_ID_BYTES_MAX),
+            shared in 0usize..40,
+        ) {
+            // Often a shared prefix, as real multihashes have.
+            let mut b = b;
+            let n = shared.min(a.len()).min(b.len());
+            b[..n].copy_from_slice(&a[..n]);
+            let (x, y) = (PeerId::from_bytes(&a).unwrap(), PeerId::from_bytes(&b).unwrap());
+            let want = a.len().cmp(&b.len()).then_with(|| a.cmp(&b));
+            prop_assert_eq!(x.cmp(&y), want);
+            prop_assert_eq!(x == y, want.is_eq());
+        }
     }
 }

@@ -1015,32 +1015,21 @@ impl Daemon {
         // Only nodes that may read a namespace hold its pins: plan each namespace with the
         // others marked as non-storage.
         let access = self.access.read().expect("access lock").clone();
-        let mut by_ns: BTreeMap<&str, Vec<mycel_policy::plan::PinSpec>> = BTreeMap::new();
-        for spec in pins.iter().cloned() {
-            let ns = state.pins.get(&spec.root).map_or("default", |p| p.namespace.as_str());
-            by_ns.entry(ns).or_default().push(spec);
-        }
-        let mut plan = mycel_policy::plan::Plan::default();
-        for (ns, specs) in by_ns {
-            let allowed: Vec<mycel_policy::plan::NodeState> = nodes
-                .iter()
-                .map(|n| {
-                    let mut n = n.clone();
-                    n.storage &= PeerId::from_bytes(&n.node.id)
-                        .is_ok_and(|p| access.may_read_namespace(&p, ns));
-                    n
-                })
-                .collect();
-            let part = mycel_policy::plan::plan_cached(
-                &specs,
-                &allowed,
-                &settings,
-                unix_ms(),
-                &mut scores,
-            );
-            plan.actions.extend(part.actions);
-            plan.pins.extend(part.pins);
-        }
+        let namespace_of = |spec: &mycel_policy::plan::PinSpec| {
+            state.pins.get(&spec.root).map_or("default", |p| p.namespace.as_str()).to_string()
+        };
+        let mut may_read = |id: &[u8], ns: &str| {
+            PeerId::from_bytes(id).is_ok_and(|p| access.may_read_namespace(&p, ns))
+        };
+        let mut plan = mycel_policy::plan::plan_namespaced(
+            &pins,
+            &namespace_of,
+            &mut may_read,
+            &nodes,
+            &settings,
+            unix_ms(),
+            &mut scores,
+        );
         self.placement_scores = scores;
         // Reports in committed pin order, as `pins` is.
         let order: BTreeMap<&[u8], usize> =

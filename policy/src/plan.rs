@@ -213,11 +213,50 @@ pub fn plan_cached(
     now_ms: u64,
     cache: &mut ScoreCache,
 ) -> Plan {
+    let live: Vec<&NodeState> = nodes.iter().filter(|n| n.alive && n.storage).collect();
+    plan_live(pins, &live, settings, now_ms, cache)
+}
+
+/// [`plan_cached`] for pins in namespaces: each namespace's pins (in the order of the
+/// namespaces' names) are planned with only the storage nodes that `may_read(node id,
+/// namespace)` counted as storage. Actions come namespace by namespace, each part sorted.
+pub fn plan_namespaced(
+    pins: &[PinSpec],
+    namespace_of: &dyn Fn(&PinSpec) -> String,
+    may_read: &mut dyn FnMut(&[u8], &str) -> bool,
+    nodes: &[NodeState],
+    settings: &Settings,
+    now_ms: u64,
+    cache: &mut ScoreCache,
+) -> Plan {
+    let mut by_ns: BTreeMap<String, Vec<PinSpec>> = BTreeMap::new();
+    for spec in pins {
+        by_ns.entry(namespace_of(spec)).or_default().push(spec.clone());
+    }
     let mut out = Plan::default();
-    let balance = Balance::new(nodes, settings);
+    for (ns, specs) in by_ns {
+        let live: Vec<&NodeState> =
+            nodes.iter().filter(|n| n.alive && n.storage && may_read(&n.node.id, &ns)).collect();
+        let part = plan_live(&specs, &live, settings, now_ms, cache);
+        out.actions.extend(part.actions);
+        out.pins.extend(part.pins);
+    }
+    out
+}
+
+/// The plan over `live`: the live storage nodes.
+fn plan_live(
+    pins: &[PinSpec],
+    live: &[&NodeState],
+    settings: &Settings,
+    now_ms: u64,
+    cache: &mut ScoreCache,
+) -> Plan {
+    let mut out = Plan::default();
+    let balance = Balance::new(live, settings);
     let mut balance_moved = false;
     for pin in pins {
-        let report = plan_pin(pin, nodes, settings, now_ms, &mut out.actions, cache);
+        let report = plan_pin(pin, live, settings, now_ms, &mut out.actions, cache);
         if !balance_moved && report.unplaceable.is_none() {
             balance_moved = balance.apply(pin, &report, &mut out.actions);
         }
@@ -230,13 +269,12 @@ pub fn plan_cached(
 
 fn plan_pin(
     pin: &PinSpec,
-    nodes: &[NodeState],
+    live: &[&NodeState],
     settings: &Settings,
     now_ms: u64,
     actions: &mut Vec<Action>,
     cache: &mut ScoreCache,
 ) -> PinReport {
-    let live: Vec<&NodeState> = nodes.iter().filter(|n| n.alive && n.storage).collect();
     let holds = |n: &NodeState| n.holdings.get(&pin.root).copied();
     let constrained = |n: &NodeState| {
         (pin.zones.is_empty() || pin.zones.contains(&n.node.zone))
@@ -280,11 +318,22 @@ fn plan_pin(
     }
     let min = pin.replicas_min as usize;
     let max = pin.replicas_max as usize;
+    let have = holders.len() + copying.len();
     let cands: Vec<&Candidate> = eligible.iter().map(|n| &n.node).collect();
-    let ranked = placement::rank_cached(&pin.root, &cands, cache);
+    let held_zones: BTreeSet<&str> = holders.iter().map(|n| n.node.zone.as_str()).collect();
+    // (Only a set with two replicas in one zone can gain from a zone-spread copy.)
+    let spread_may_gain =
+        copying.is_empty() && holders.len() >= min.max(2) && held_zones.len() < holders.len();
+    // Ranking is what planning costs; a pin at its replica count with nothing to add, cancel
+    // or release needs none (most pins, most periods).
+    let needs_rank = have < min
+        || holders.len() > max
+        || (holders.len() >= min && have > max)
+        || spread_may_gain;
+    let ranked =
+        if needs_rank { placement::rank_cached(&pin.root, &cands, cache) } else { Vec::new() };
     let rank_of = |id: &[u8]| ranked.iter().position(|&i| cands[i].id == id).unwrap_or(usize::MAX);
     let mut unplaceable = None;
-    let have = holders.len() + copying.len();
     if have < min {
         let busy: BTreeSet<&[u8]> =
             holders.iter().chain(copying.iter()).map(|n| n.node.id.as_slice()).collect();
@@ -300,7 +349,7 @@ fn plan_pin(
             actions.push(Action::Fetch { node: cands[i].id.clone(), root: pin.root.clone() });
         }
         if have + chosen.len() < min {
-            unplaceable = Some(why_short(pin, &live, eligible.len(), have + chosen.len()));
+            unplaceable = Some(why_short(pin, live, eligible.len(), have + chosen.len()));
         }
     } else if holders.len() >= min && have > max {
         // Enough complete replicas: cancel copies beyond the maximum, worst first.
@@ -314,14 +363,8 @@ fn plan_pin(
     // covers fewer zones than it could (placed before a zone's nodes were heard) gains a copy
     // in an uncovered zone; the count then exceeds the maximum (or not) and the release rule
     // takes one from a zone holding two.
-    let held_zones: BTreeSet<&str> = holders.iter().map(|n| n.node.zone.as_str()).collect();
-    // (Only a set with two replicas in one zone can gain from this: checked first, since
-    // the zones left to use take a pass over every candidate.)
-    if unplaceable.is_none()
-        && copying.is_empty()
-        && holders.len() >= min.max(2)
-        && held_zones.len() < holders.len()
-    {
+    // (Checked first, since the zones left to use take a pass over every candidate.)
+    if unplaceable.is_none() && spread_may_gain {
         let usable = |i: usize| !overloaded(eligible[i]) && holds(eligible[i]).is_none();
         let zones: BTreeSet<&str> = ranked
             .iter()
@@ -457,8 +500,7 @@ struct Balance<'a> {
 }
 
 impl<'a> Balance<'a> {
-    fn new(nodes: &'a [NodeState], settings: &Settings) -> Balance<'a> {
-        let live: Vec<&NodeState> = nodes.iter().filter(|n| n.alive && n.storage).collect();
+    fn new(live: &[&'a NodeState], settings: &Settings) -> Balance<'a> {
         let most =
             live.iter().copied().max_by_key(|n| (n.node.load, std::cmp::Reverse(&n.node.id)));
         let least = live.iter().copied().min_by_key(|n| (n.node.load, &n.node.id));

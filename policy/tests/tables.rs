@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 
 use mycel_policy::placement::Candidate;
-use mycel_policy::plan::{Action, Held, NodeState, PinSpec, Settings, plan};
+use mycel_policy::placement::ScoreCache;
+use mycel_policy::plan::{Action, Held, NodeState, PinSpec, Settings, plan, plan_namespaced};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -49,6 +50,9 @@ struct TableNode {
     /// root -> "complete" or "DONE/TOTAL".
     #[serde(default)]
     holds: BTreeMap<String, String>,
+    /// The namespaces it may read (all if absent).
+    #[serde(default)]
+    reads: Option<Vec<String>>,
 }
 
 fn hundred() -> u64 {
@@ -74,6 +78,9 @@ struct TablePin {
     deadline_ms: u64,
     #[serde(default)]
     size_gib: u64,
+    /// The pin's namespace ("default" if absent).
+    #[serde(default)]
+    namespace: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -167,7 +174,23 @@ fn run(path: &std::path::Path) -> Result<(), String> {
         balance_min_load: s.balance_min_load,
         risk_window_ms: s.risk_window_ms,
     });
-    let got = plan(&pins, &nodes, &settings, t.now_ms);
+    let namespaced = t.pins.iter().any(|p| p.namespace.is_some());
+    let got = if namespaced {
+        // Namespaces as the daemon plans them: each apart, with only its readers as storage.
+        let namespace_of = |spec: &PinSpec| {
+            let pin = t.pins.iter().find(|p| p.root.as_bytes() == spec.root).expect("a pin");
+            pin.namespace.clone().unwrap_or_else(|| "default".to_string())
+        };
+        let mut may_read = |id: &[u8], ns: &str| {
+            let node = t.nodes.iter().find(|n| n.id.as_bytes() == id).expect("a node");
+            node.reads.as_ref().is_none_or(|r| r.iter().any(|x| x == ns))
+        };
+        let mut cache = ScoreCache::default();
+        let settings = &settings;
+        plan_namespaced(&pins, &namespace_of, &mut may_read, &nodes, settings, t.now_ms, &mut cache)
+    } else {
+        plan(&pins, &nodes, &settings, t.now_ms)
+    };
     let actual: Vec<String> = got.actions.iter().map(render).collect();
     let mut unmatched = actual.clone();
     for want in &t.expect.actions {

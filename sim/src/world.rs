@@ -2055,29 +2055,21 @@ impl World {
         self.plans.0 += 1;
         // As the daemon does: one plan per namespace, with only the nodes that may read it
         // counted as storage.
-        let mut by_ns: BTreeMap<String, Vec<PinSpec>> = BTreeMap::new();
-        for spec in pins.clone() {
-            let ns = view
-                .pins
+        let namespace_of = |spec: &PinSpec| {
+            view.pins
                 .get(&spec.root)
-                .map_or(access::DEFAULT_NAMESPACE.to_string(), |p| p.namespace.clone());
-            by_ns.entry(ns).or_default().push(spec);
-        }
-        let mut actions = Vec::new();
-        for (ns, specs) in by_ns {
-            let allowed: Vec<NodeState> = nodes
-                .iter()
-                .map(|n| {
-                    let mut n = n.clone();
-                    n.storage &= may_read_namespace(view, &n.node.id, &ns);
-                    n
-                })
-                .collect();
-            let part =
-                plan::plan_cached(&specs, &allowed, &Settings::default(), local, &mut self.scores);
-            actions.extend(part.actions);
-        }
-        let p = plan::Plan { actions, pins: Vec::new() };
+                .map_or(access::DEFAULT_NAMESPACE.to_string(), |p| p.namespace.clone())
+        };
+        let mut may_read = |id: &[u8], ns: &str| may_read_namespace(view, id, ns);
+        let p = plan::plan_namespaced(
+            &pins,
+            &namespace_of,
+            &mut may_read,
+            &nodes,
+            &Settings::default(),
+            local,
+            &mut self.scores,
+        );
         if std::env::var("MYCEL_SIM_PLAN_DEBUG").is_ok_and(|d| d == i.to_string()) {
             for a in p.for_node(&me) {
                 let root = match a {

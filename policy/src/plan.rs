@@ -255,8 +255,18 @@ fn plan_live(
     let mut out = Plan::default();
     let balance = Balance::new(live, settings);
     let mut balance_moved = false;
+    // Holdings by root, gathered once: a pin then looks up its few holders, not every node's
+    // holdings. Keyed by each node's address in `live` (looked up, never iterated).
+    let mut by_root: BTreeMap<&[u8], BTreeMap<usize, Held>> = BTreeMap::new();
+    for n in live {
+        for (root, held) in &n.holdings {
+            by_root.entry(root.as_slice()).or_default().insert(node_key(n), *held);
+        }
+    }
+    let none = BTreeMap::new();
     for pin in pins {
-        let report = plan_pin(pin, live, settings, now_ms, &mut out.actions, cache);
+        let held = by_root.get(pin.root.as_slice()).unwrap_or(&none);
+        let report = plan_pin(pin, live, held, settings, now_ms, &mut out.actions, cache);
         if !balance_moved && report.unplaceable.is_none() {
             balance_moved = balance.apply(pin, &report, &mut out.actions);
         }
@@ -267,20 +277,27 @@ fn plan_live(
     out
 }
 
+/// A node's key in a plan's holdings index: its address, stable while the plan borrows it.
+fn node_key(n: &NodeState) -> usize {
+    std::ptr::from_ref(n) as usize
+}
+
+/// One pin's plan; `held` is what each node of `live` holds of it (by [`node_key`]).
 fn plan_pin(
     pin: &PinSpec,
     live: &[&NodeState],
+    held: &BTreeMap<usize, Held>,
     settings: &Settings,
     now_ms: u64,
     actions: &mut Vec<Action>,
     cache: &mut ScoreCache,
 ) -> PinReport {
-    let holds = |n: &NodeState| n.holdings.get(&pin.root).copied();
+    let holds = |n: &NodeState| held.get(&node_key(n)).copied();
     let constrained = |n: &NodeState| {
         (pin.zones.is_empty() || pin.zones.contains(&n.node.zone))
             && pin.tags.iter().all(|t| n.node.tags.contains(t))
     };
-    let roomy = |n: &NodeState| holds(n).is_some() || n.node.free_bytes >= pin.size_bytes;
+    let roomy = |n: &NodeState| n.node.free_bytes >= pin.size_bytes || holds(n).is_some();
     let eligible: Vec<&NodeState> =
         live.iter().copied().filter(|n| constrained(n) && roomy(n)).collect();
     let targets: Vec<&NodeState> = live
@@ -321,15 +338,21 @@ fn plan_pin(
     let have = holders.len() + copying.len();
     let cands: Vec<&Candidate> = eligible.iter().map(|n| &n.node).collect();
     let held_zones: BTreeSet<&str> = holders.iter().map(|n| n.node.zone.as_str()).collect();
-    // (Only a set with two replicas in one zone can gain from a zone-spread copy.)
-    let spread_may_gain =
-        copying.is_empty() && holders.len() >= min.max(2) && held_zones.len() < holders.len();
+    // Zone spread: with every replica complete and nothing copying, a replica set that
+    // covers fewer zones than it could (placed before a zone's nodes were heard) gains a copy
+    // in an uncovered zone; the count then exceeds the maximum (or not) and the release rule
+    // takes one from a zone holding two. Only a set with two replicas in one zone can gain
+    // (checked first, since finding a usable node in another zone takes a pass).
+    let usable = |i: usize| !overloaded(eligible[i]) && holds(eligible[i]).is_none();
+    let spread_wanted = copying.is_empty()
+        && holders.len() >= min.max(2)
+        && held_zones.len() < holders.len()
+        && (0..cands.len()).any(|i| usable(i) && !held_zones.contains(cands[i].zone.as_str()))
+        && spread_copy_kept(&holders, &is_target, max);
     // Ranking is what planning costs; a pin at its replica count with nothing to add, cancel
     // or release needs none (most pins, most periods).
-    let needs_rank = have < min
-        || holders.len() > max
-        || (holders.len() >= min && have > max)
-        || spread_may_gain;
+    let needs_rank =
+        have < min || holders.len() > max || (holders.len() >= min && have > max) || spread_wanted;
     let ranked =
         if needs_rank { placement::rank_cached(&pin.root, &cands, cache) } else { Vec::new() };
     let rank_of = |id: &[u8]| ranked.iter().position(|&i| cands[i].id == id).unwrap_or(usize::MAX);
@@ -359,26 +382,12 @@ fn plan_pin(
             actions.push(Action::Cancel { node: n.node.id.clone(), root: pin.root.clone() });
         }
     }
-    // Zone spread: with every replica complete and nothing copying, a replica set that
-    // covers fewer zones than it could (placed before a zone's nodes were heard) gains a copy
-    // in an uncovered zone; the count then exceeds the maximum (or not) and the release rule
-    // takes one from a zone holding two.
-    // (Checked first, since the zones left to use take a pass over every candidate.)
-    if unplaceable.is_none() && spread_may_gain {
-        let usable = |i: usize| !overloaded(eligible[i]) && holds(eligible[i]).is_none();
-        let zones: BTreeSet<&str> = ranked
-            .iter()
-            .filter(|&&i| usable(i))
-            .map(|&i| cands[i].zone.as_str())
-            .chain(held_zones.iter().copied())
-            .collect();
-        if held_zones.len() < holders.len().min(zones.len())
-            && spread_copy_kept(&holders, &is_target, max)
-            && let Some(&i) =
-                ranked.iter().find(|&&i| usable(i) && !held_zones.contains(cands[i].zone.as_str()))
-        {
-            actions.push(Action::Fetch { node: cands[i].id.clone(), root: pin.root.clone() });
-        }
+    if unplaceable.is_none()
+        && spread_wanted
+        && let Some(&i) =
+            ranked.iter().find(|&&i| usable(i) && !held_zones.contains(cands[i].zone.as_str()))
+    {
+        actions.push(Action::Fetch { node: cands[i].id.clone(), root: pin.root.clone() });
     }
     if holders.len() > max {
         release_extras(pin, &holders, &is_target, &rank_of, holders.len() - max, actions);

@@ -149,13 +149,22 @@ struct Seen {
     progress: Option<(u64, u64)>,
 }
 
+/// What the directory holds of one peer: one entry, so that an announcement (which every
+/// member receives from every other) finds its sender once.
+#[derive(Debug, Default)]
+struct Peer {
+    /// From its last announcement, if one was heard.
+    info: Option<NodeInfo>,
+    /// The roots it is recorded as holding.
+    roots: BTreeSet<Cid>,
+}
+
 /// Who holds which root, from announcements and who-has answers.
 #[derive(Debug)]
 pub struct Directory {
     expiry_ms: u64,
     roots: BTreeMap<Cid, BTreeMap<PeerId, Seen>>,
-    by_node: BTreeMap<PeerId, BTreeSet<Cid>>,
-    nodes: BTreeMap<PeerId, NodeInfo>,
+    peers: BTreeMap<PeerId, Peer>,
 }
 
 /// `peer` holds `root` (tracked in `tracked`, the roots known of `peer`), as of `now`.
@@ -187,12 +196,7 @@ fn record(
 impl Directory {
     /// A directory forgetting holders not heard from for `expiry_ms` (per announcement page).
     pub fn new(expiry_ms: u64) -> Directory {
-        Directory {
-            expiry_ms,
-            roots: BTreeMap::new(),
-            by_node: BTreeMap::new(),
-            nodes: BTreeMap::new(),
-        }
+        Directory { expiry_ms, roots: BTreeMap::new(), peers: BTreeMap::new() }
     }
 
     /// An announcement received from `from` (the gossip layer's verified source).
@@ -217,7 +221,8 @@ impl Directory {
         for p in &a.partial {
             partial.push((crate::wire::cid(&p.root)?, (p.done_bytes, p.total_bytes)));
         }
-        match self.nodes.get_mut(&from) {
+        let peer = self.peers.entry(from).or_default();
+        match &mut peer.info {
             Some(info) if info.seq >= a.seq => return Ok(()), // duplicate or reordered
             Some(info) => {
                 if info.zone != a.zone {
@@ -230,20 +235,17 @@ impl Directory {
                 info.pages = a.pages.max(1);
             }
             None => {
-                self.nodes.insert(
-                    from,
-                    NodeInfo {
-                        zone: a.zone.clone(),
-                        seq: a.seq,
-                        seen: now,
-                        load: a.load,
-                        free_bytes: a.free_bytes,
-                        pages: a.pages.max(1),
-                    },
-                );
+                peer.info = Some(NodeInfo {
+                    zone: a.zone.clone(),
+                    seq: a.seq,
+                    seen: now,
+                    load: a.load,
+                    free_bytes: a.free_bytes,
+                    pages: a.pages.max(1),
+                });
             }
         }
-        let tracked = self.by_node.entry(from).or_default();
+        let tracked = &mut peer.roots;
         for root in roots {
             record(&mut self.roots, tracked, from, root, true, now, None);
         }
@@ -255,14 +257,13 @@ impl Directory {
 
     /// A who-has answer: `from` holds `root` (completely or in part).
     pub fn handle_holding(&mut self, from: PeerId, root: Cid, complete: bool, now: Timestamp) {
-        let tracked = self.by_node.entry(from).or_default();
+        let tracked = &mut self.peers.entry(from).or_default().roots;
         record(&mut self.roots, tracked, from, root, complete, now, None);
     }
 
     /// A peer left the mesh: forget what it held.
     pub fn peer_gone(&mut self, peer: &PeerId) {
-        self.nodes.remove(peer);
-        for root in self.by_node.remove(peer).unwrap_or_default() {
+        for root in self.peers.remove(peer).map(|p| p.roots).unwrap_or_default() {
             if let Some(holders) = self.roots.get_mut(&root) {
                 holders.remove(peer);
                 if holders.is_empty() {
@@ -277,7 +278,7 @@ impl Directory {
         let mut stale: Vec<(Cid, PeerId)> = Vec::new();
         for (root, holders) in &self.roots {
             for (peer, seen) in holders {
-                let pages = self.nodes.get(peer).map_or(1, |n| u64::from(n.pages));
+                let pages = self.node(peer).map_or(1, |n| u64::from(n.pages));
                 if now.since(seen.at) > self.expiry_ms.saturating_mul(pages) {
                     stale.push((*root, *peer));
                 }
@@ -290,8 +291,8 @@ impl Directory {
                     self.roots.remove(&root);
                 }
             }
-            if let Some(t) = self.by_node.get_mut(&peer) {
-                t.remove(&root);
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.roots.remove(&root);
             }
         }
     }
@@ -306,7 +307,7 @@ impl Directory {
                     .map(|(peer, seen)| Holder {
                         peer: *peer,
                         complete: seen.complete,
-                        zone: self.nodes.get(peer).map(|n| n.zone.clone()),
+                        zone: self.node(peer).map(|n| n.zone.clone()),
                     })
                     .collect()
             })
@@ -323,12 +324,12 @@ impl Directory {
 
     /// Every node heard from, with what is known of it.
     pub fn nodes(&self) -> impl Iterator<Item = (&PeerId, &NodeInfo)> {
-        self.nodes.iter()
+        self.peers.iter().filter_map(|(id, p)| p.info.as_ref().map(|i| (id, i)))
     }
 
     /// What is known of a node.
     pub fn node(&self, peer: &PeerId) -> Option<&NodeInfo> {
-        self.nodes.get(peer)
+        self.peers.get(peer).and_then(|p| p.info.as_ref())
     }
 
     /// Checks the two indexes agree.
@@ -340,14 +341,14 @@ impl Directory {
             assert!(!holders.is_empty(), "empty holder set for {root}");
             for peer in holders.keys() {
                 assert!(
-                    self.by_node.get(peer).is_some_and(|s| s.contains(root)),
+                    self.peers.get(peer).is_some_and(|p| p.roots.contains(root)),
                     "{peer:?} holds {root} in one index only"
                 );
             }
         }
-        for (peer, roots) in &self.by_node {
-            assert!(roots.len() <= NODE_ROOTS_MAX);
-            for root in roots {
+        for (peer, p) in &self.peers {
+            assert!(p.roots.len() <= NODE_ROOTS_MAX);
+            for root in &p.roots {
                 assert!(self.roots.get(root).is_some_and(|h| h.contains_key(peer)));
             }
         }

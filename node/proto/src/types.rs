@@ -2,8 +2,10 @@
 
 use std::fmt;
 
-/// Longest peer identity in bytes (libp2p's ed25519 PeerId is 38).
-pub const PEER_ID_BYTES_MAX: usize = 64;
+/// Longest peer identity in bytes. libp2p's PeerIds are at most 44 bytes: an identity
+/// multihash of a public key of up to 42 bytes (ed25519's PeerId is 38), or a 34-byte
+/// SHA-256 multihash of a longer key. Kept small: every ordered map of peers holds them.
+pub const PEER_ID_BYTES_MAX: usize = 48;
 
 /// A peer's identity: the bytes of its libp2p PeerId (a multihash), opaque to the core.
 ///

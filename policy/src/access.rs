@@ -122,6 +122,12 @@ impl Subject {
     }
 }
 
+/// Whether every member has `needed` in `namespace` whatever the grants: reading the
+/// default namespace.
+pub fn open_to_members(namespace: &str, needed: Permission) -> bool {
+    namespace == DEFAULT_NAMESPACE && needed == Permission::Read
+}
+
 /// Whether `who` holds `needed` on `namespace` under `grants`, given as
 /// `(subject, permission, namespace)`.
 pub fn allowed<'a>(
@@ -130,7 +136,7 @@ pub fn allowed<'a>(
     namespace: &str,
     needed: Permission,
 ) -> bool {
-    if who.role == "manager" || (namespace == DEFAULT_NAMESPACE && needed == Permission::Read) {
+    if who.role == "manager" || open_to_members(namespace, needed) {
         return true;
     }
     grants.into_iter().any(|(subject, permission, ns)| {

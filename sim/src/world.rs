@@ -2002,10 +2002,11 @@ impl World {
         let roots: Vec<Cid> = view.pins.keys().filter_map(|r| Cid::from_bytes(r).ok()).collect();
         let mut holdings: BTreeMap<PeerId, BTreeMap<Vec<u8>, Held>> = BTreeMap::new();
         for r in &roots {
-            for h in n.directory.holders(r) {
+            let root = r.to_bytes().to_vec();
+            for (peer, complete) in n.directory.holders_of(r) {
                 let held =
-                    if h.complete { Held::Complete } else { Held::Partial { done: 0, total: 0 } };
-                holdings.entry(h.peer).or_default().insert(r.to_bytes().to_vec(), held);
+                    if complete { Held::Complete } else { Held::Partial { done: 0, total: 0 } };
+                holdings.entry(peer).or_default().insert(root.clone(), held);
             }
         }
         let mine = holdings.entry(n.peer).or_default();
@@ -2904,6 +2905,9 @@ impl World {
 /// Whether the member `who` may read namespace `ns` under `state`'s grants.
 fn may_read_namespace(state: &ClusterState, who: &[u8], ns: &str) -> bool {
     let Some(m) = state.members.get(who) else { return false };
+    if access::open_to_members(ns, Permission::Read) {
+        return true; // (before building a subject: every plan asks this of every member)
+    }
     let grants = state
         .grants
         .iter()
@@ -2949,7 +2953,10 @@ fn plan_digest(pins: &[PinSpec], nodes: &[NodeState], view: &ClusterState) -> [u
     for n in nodes {
         put(&n.node.id);
         put(n.node.zone.as_bytes());
-        put(format!("{:?}", n.node.tags).as_bytes());
+        put(&(n.node.tags.len() as u64).to_le_bytes());
+        for t in &n.node.tags {
+            put(t.as_bytes());
+        }
         let free = if exact_free {
             n.node.free_bytes
         } else {

@@ -316,6 +316,12 @@ impl Directory {
         out
     }
 
+    /// The peers known to hold `root` and whether each holds all of it, in peer order
+    /// ([`Directory::holders`] without the sorting and the zones).
+    pub fn holders_of<'a>(&'a self, root: &Cid) -> impl Iterator<Item = (PeerId, bool)> + 'a {
+        self.roots.get(root).into_iter().flat_map(|h| h.iter().map(|(p, s)| (*p, s.complete)))
+    }
+
     /// Whether `peer` holds `root`: `Some((complete, progress))`, with progress as (content
     /// bytes held, content bytes in all) when a partial holder announced it.
     pub fn holding(&self, root: &Cid, peer: &PeerId) -> Option<(bool, Option<(u64, u64)>)> {

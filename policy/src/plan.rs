@@ -351,11 +351,21 @@ fn plan_pin(
         && spread_copy_kept(&holders, &is_target, max);
     // Ranking is what planning costs; a pin at its replica count with nothing to add, cancel
     // or release needs none (most pins, most periods).
-    let needs_rank =
-        have < min || holders.len() > max || (holders.len() >= min && have > max) || spread_wanted;
+    // (Copies and replicas over the maximum are cancelled or released only on non-targets:
+    // a pre-position's targets alone exceeding it, as they usually do, need no ranking.)
+    let releasable = holders.len() > max && holders.iter().any(|h| !is_target(h));
+    let cancellable = holders.len() >= min && have > max && copying.iter().any(|n| !is_target(n));
+    let needs_rank = have < min || releasable || cancellable || spread_wanted;
     let ranked =
         if needs_rank { placement::rank_cached(&pin.root, &cands, cache) } else { Vec::new() };
-    let rank_of = |id: &[u8]| ranked.iter().position(|&i| cands[i].id == id).unwrap_or(usize::MAX);
+    // A node's place in the ranking (usize::MAX if not a candidate), indexed on first use.
+    let places: std::cell::OnceCell<BTreeMap<usize, usize>> = std::cell::OnceCell::new();
+    let rank_of = |n: &NodeState| {
+        let places = places.get_or_init(|| {
+            ranked.iter().enumerate().map(|(place, &i)| (node_key(eligible[i]), place)).collect()
+        });
+        places.get(&node_key(n)).copied().unwrap_or(usize::MAX)
+    };
     let mut unplaceable = None;
     if have < min {
         let busy: BTreeSet<&[u8]> =
@@ -377,7 +387,7 @@ fn plan_pin(
     } else if holders.len() >= min && have > max {
         // Enough complete replicas: cancel copies beyond the maximum, worst first.
         let mut extra: Vec<&&NodeState> = copying.iter().filter(|n| !is_target(n)).collect();
-        extra.sort_by_key(|n| std::cmp::Reverse(rank_of(&n.node.id)));
+        extra.sort_by_key(|n| std::cmp::Reverse(rank_of(n)));
         for n in extra.into_iter().take(have - max) {
             actions.push(Action::Cancel { node: n.node.id.clone(), root: pin.root.clone() });
         }
@@ -389,7 +399,7 @@ fn plan_pin(
     {
         actions.push(Action::Fetch { node: cands[i].id.clone(), root: pin.root.clone() });
     }
-    if holders.len() > max {
+    if releasable {
         release_extras(pin, &holders, &is_target, &rank_of, holders.len() - max, actions);
     }
     let preposition = (!pin.preposition.is_empty()).then(|| {
@@ -447,7 +457,7 @@ fn release_extras(
     pin: &PinSpec,
     holders: &[&NodeState],
     is_target: &dyn Fn(&NodeState) -> bool,
-    rank_of: &dyn Fn(&[u8]) -> usize,
+    rank_of: &dyn Fn(&NodeState) -> usize,
     mut excess: usize,
     actions: &mut Vec<Action>,
 ) {
@@ -456,7 +466,7 @@ fn release_extras(
         *zone_count.entry(h.node.zone.as_str()).or_default() += 1;
     }
     let mut order: Vec<&&NodeState> = holders.iter().filter(|h| !is_target(h)).collect();
-    order.sort_by_key(|h| std::cmp::Reverse(rank_of(&h.node.id)));
+    order.sort_by_key(|h| std::cmp::Reverse(rank_of(h)));
     // First pass: only from zones holding more than one replica; then anything.
     for pass in 0..2 {
         for h in &order {

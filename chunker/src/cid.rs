@@ -135,6 +135,24 @@ impl Cid {
     /// # Errors
     /// [`CidError`] if the bytes are not a CIDv1 of raw or dag-cbor with a BLAKE3-256 hash.
     pub fn from_bytes(bytes: &[u8]) -> Result<Cid, CidError> {
+        // The form mycel writes ([`Cid::to_bytes`]), read in place; anything else goes
+        // through the `cid` crate for its exact error (or its other encodings of the same).
+        if let Ok(b) = <&[u8; Cid::BYTES]>::try_from(bytes)
+            && b[0] == 0x01
+            && b[2] == MH_BLAKE3 as u8
+            && b[3] == DIGEST_BYTES as u8
+        {
+            let codec = match u64::from(b[1]) {
+                CODEC_RAW => Some(Codec::Raw),
+                CODEC_DAG_CBOR => Some(Codec::DagCbor),
+                _ => None,
+            };
+            if let Some(codec) = codec {
+                let mut digest = [0u8; DIGEST_BYTES];
+                digest.copy_from_slice(&b[4..]);
+                return Ok(Cid { codec, digest });
+            }
+        }
         let cid = ::cid::Cid::try_from(bytes).map_err(|e| CidError::Malformed(e.to_string()))?;
         if cid.to_bytes().len() != bytes.len() {
             return Err(CidError::Malformed("trailing bytes".into()));
@@ -219,6 +237,28 @@ mod tests {
             let want = codec(raw_a).cmp(&codec(raw_b)).then_with(|| a.cmp(&b));
             proptest::prop_assert_eq!(x.cmp(&y), want);
             proptest::prop_assert_eq!(x == y, want.is_eq());
+        }
+    }
+
+    proptest::proptest! {
+        /// The in-place reading of the binary form agrees with the `cid` crate's on any
+        /// bytes: the same CID or an error for both.
+        #[test]
+        fn binary_forms_read_in_place_as_the_cid_crate_reads_them(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 30..40),
+            prefix in proptest::sample::select(vec![
+                [0x01u8, 0x55, 0x1e, 0x20], [0x01, 0x71, 0x1e, 0x20], [0x01, 0x70, 0x1e, 0x20],
+                [0x01, 0x55, 0x12, 0x20], [0x00, 0x55, 0x1e, 0x20], [0x01, 0x55, 0x1e, 0x1f],
+            ]),
+        ) {
+            let mut b = bytes;
+            let n = b.len().min(4);
+            b[..n].copy_from_slice(&prefix[..n]);
+            let slow = ::cid::Cid::try_from(b.as_slice())
+                .ok()
+                .filter(|c| c.to_bytes().len() == b.len())
+                .and_then(|c| Cid::from_cid(&c).ok());
+            proptest::prop_assert_eq!(Cid::from_bytes(&b).ok(), slow);
         }
     }
 

@@ -305,12 +305,14 @@ fn plan_pin(
         .copied()
         .filter(|n| pin.preposition.iter().any(|t| matches_target(&n.node, t)))
         .collect();
-    let target_ids: BTreeSet<&[u8]> = targets.iter().map(|t| t.node.id.as_slice()).collect();
-    let is_target = |n: &NodeState| target_ids.contains(n.node.id.as_slice());
+    let target_keys: BTreeSet<usize> = targets.iter().map(|t| node_key(t)).collect();
+    let is_target = |n: &NodeState| target_keys.contains(&node_key(n));
     let placed: Vec<&NodeState> = {
-        let eligible_ids: BTreeSet<&[u8]> = eligible.iter().map(|e| e.node.id.as_slice()).collect();
         let mut v: Vec<&NodeState> = eligible.clone();
-        v.extend(targets.iter().copied().filter(|t| !eligible_ids.contains(t.node.id.as_slice())));
+        if !targets.is_empty() {
+            let eligible_keys: BTreeSet<usize> = eligible.iter().map(|e| node_key(e)).collect();
+            v.extend(targets.iter().copied().filter(|t| !eligible_keys.contains(&node_key(t))));
+        }
         v
     };
     let overloaded = |n: &NodeState| n.node.load > settings.overload;

@@ -2061,7 +2061,10 @@ impl World {
                 .get(&spec.root)
                 .map_or(access::DEFAULT_NAMESPACE.to_string(), |p| p.namespace.clone())
         };
-        let mut may_read = |id: &[u8], ns: &str| may_read_namespace(view, id, ns);
+        // (Every node planned over is a member, so the default namespace needs no lookup.)
+        let mut may_read = |id: &[u8], ns: &str| {
+            access::open_to_members(ns, Permission::Read) || may_read_namespace(view, id, ns)
+        };
         let p = plan::plan_namespaced(
             &pins,
             &namespace_of,

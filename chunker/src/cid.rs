@@ -48,17 +48,21 @@ pub struct Cid {
 
 impl Ord for Cid {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        let (a, b) = (self.digest.as_chunks::<8>().0, other.digest.as_chunks::<8>().0);
-        self.codec.cmp(&other.codec).then_with(|| {
-            for (x, y) in a.iter().zip(b) {
-                let (x, y) = (u64::from_be_bytes(*x), u64::from_be_bytes(*y));
-                if x != y {
-                    return x.cmp(&y);
-                }
-            }
-            std::cmp::Ordering::Equal
-        })
+        self.codec.cmp(&other.codec).then_with(|| cmp_in_words(&self.digest, &other.digest))
     }
+}
+
+/// `a.cmp(b)` for byte arrays whose length is a multiple of 8, compared eight bytes at a time
+/// as big-endian words (the same order, without a `memcmp` call): for identifiers that key
+/// ordered maps on hot paths.
+pub fn cmp_in_words<const N: usize>(a: &[u8; N], b: &[u8; N]) -> std::cmp::Ordering {
+    for (x, y) in a.as_chunks::<8>().0.iter().zip(b.as_chunks::<8>().0) {
+        let (x, y) = (u64::from_be_bytes(*x), u64::from_be_bytes(*y));
+        if x != y {
+            return x.cmp(&y);
+        }
+    }
+    a.as_chunks::<8>().1.cmp(b.as_chunks::<8>().1)
 }
 
 impl PartialOrd for Cid {

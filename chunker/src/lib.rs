@@ -25,5 +25,5 @@ pub mod holes;
 pub mod manifest;
 pub mod topology;
 
-pub use crate::cid::{Cid, CidError, Codec};
+pub use crate::cid::{Cid, CidError, Codec, cmp_in_words};
 pub use crate::config::{Config, ConfigError, HOLE_ALIGN_BYTES, NODE_BYTES_MAX};

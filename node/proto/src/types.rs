@@ -37,16 +37,9 @@ impl PeerId {
 
 impl Ord for PeerId {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        let (a, b) = (self.bytes.as_chunks::<8>().0, other.bytes.as_chunks::<8>().0);
-        self.len.cmp(&other.len).then_with(|| {
-            for (x, y) in a.iter().zip(b) {
-                let (x, y) = (u64::from_be_bytes(*x), u64::from_be_bytes(*y));
-                if x != y {
-                    return x.cmp(&y);
-                }
-            }
-            std::cmp::Ordering::Equal
-        })
+        self.len
+            .cmp(&other.len)
+            .then_with(|| mycel_chunker::cmp_in_words(&self.bytes, &other.bytes))
     }
 }
 

@@ -4,10 +4,14 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BENCH_DIR="${BENCH_DIR:-$ROOT/target/bench-work}"   # on the same filesystem as a real store
 SHM="${SHM:-/dev/shm/mycel-bench}"
 RUNS="${RUNS:-3}"
-M="$ROOT/target/release/mycel"
+# MYCEL_BIN: run another build of mycel (a profiling build, say); nothing is built then.
+M="${MYCEL_BIN:-$ROOT/target/release/mycel}"
 MB="$ROOT/target/release/mycel-bench"
 
-build() { (cd "$ROOT" && cargo build --release -p mycel-node --bins >&2); }
+build() {
+    if [ -n "${MYCEL_BIN:-}" ]; then return 0; fi
+    (cd "$ROOT" && cargo build --release -p mycel-node --bins >&2)
+}
 now() { date +%s.%N; }
 elapsed() { python3 -c "print(f'{$2 - $1:.3f}')"; }
 median() { python3 -c 'import sys,statistics; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.3f}")' "$@"; }

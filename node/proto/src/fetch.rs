@@ -176,6 +176,10 @@ struct PeerState {
     corrupt: u32,
     stalls: u32,
     lacks: BTreeSet<Cid>,
+    /// How many pending blocks are in `lacks`: when it equals the pending count, the peer has
+    /// nothing to offer and is not scanned (a swarm's partial holders lack most of the queue,
+    /// and scanning it per peer per event was most of a fetching node's CPU).
+    lacked_pending: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -280,6 +284,7 @@ impl Fetch {
             && let Some(p) = self.peers.get_mut(&peer)
         {
             p.lacks.clear();
+            p.lacked_pending = 0;
         }
         self.peers.entry(peer).or_insert(PeerState {
             same_zone,
@@ -290,6 +295,7 @@ impl Fetch {
             corrupt: 0,
             stalls: 0,
             lacks: BTreeSet::new(),
+            lacked_pending: 0,
         });
     }
 
@@ -327,6 +333,7 @@ impl Fetch {
         if self.pending.insert(cid, want).is_some() {
             return;
         }
+        self.count_lacked(&cid, true);
         if want.is_manifest() {
             self.pending_nodes.push_front((cid, want));
         } else {
@@ -338,11 +345,31 @@ impl Fetch {
         if self.pending.insert(cid, want).is_some() {
             return;
         }
+        self.count_lacked(&cid, true);
         if want.is_manifest() {
             self.pending_nodes.push_back((cid, want));
         } else {
             self.pending_chunks.push_back((cid, want));
         }
+    }
+
+    /// `cid` entered (`true`) or left `pending`: the peers that lack it lack one more (or one
+    /// fewer) pending block.
+    fn count_lacked(&mut self, cid: &Cid, entered: bool) {
+        for p in self.peers.values_mut() {
+            if !p.lacks.is_empty() && p.lacks.contains(cid) {
+                if entered {
+                    p.lacked_pending += 1;
+                } else {
+                    p.lacked_pending -= 1;
+                }
+            }
+        }
+    }
+
+    /// Whether `p` may hold something pending (it does not lack every pending block).
+    fn may_offer(&self, p: &PeerState) -> bool {
+        p.lacked_pending < self.pending.len()
     }
 
     /// Pending chunks (not counting stale queue entries).
@@ -492,7 +519,7 @@ impl Fetch {
         if !valid {
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.corrupt += 1;
-                insert_bounded(&mut p.lacks, cid, self.config.lacks_max);
+                note_lacks(p, cid, &self.pending, self.config.lacks_max);
             }
             self.penalize(peer, Penalty::Corrupt);
             if flight.is_some() {
@@ -506,7 +533,9 @@ impl Fetch {
         {
             p.inflight -= 1;
         }
-        self.pending.remove(&cid);
+        if self.pending.remove(&cid).is_some() {
+            self.count_lacked(&cid, false);
+        }
         *self.received.entry(peer).or_default() += bytes.len() as u64;
         if let Some(p) = self.peers.get_mut(&peer) {
             p.stalls = 0;
@@ -546,7 +575,7 @@ impl Fetch {
         self.inflight.remove(&cid);
         if let Some(p) = self.peers.get_mut(&peer) {
             p.inflight -= 1;
-            insert_bounded(&mut p.lacks, cid, self.config.lacks_max);
+            note_lacks(p, cid, &self.pending, self.config.lacks_max);
         }
         self.requeue(cid, f.want);
     }
@@ -642,8 +671,12 @@ impl Fetch {
         // Same-zone peers first, then the least filled window; ties by PeerId. The best peer
         // nearly always takes work, so it is found in one pass; the rest are sorted only when
         // it lacks everything pending (a fleet's fetch can have a thousand peers).
-        let mut open =
-            self.peers.iter().filter(|(_, p)| p.inflight < p.window).map(|(id, p)| {
+        // A peer that lacks every pending block is skipped: asking it would find nothing.
+        let mut open = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.inflight < p.window && self.may_offer(p))
+            .map(|(id, p)| {
                 (!p.same_zone, u64::from(p.inflight) * 1000 / u64::from(p.window), *id)
             });
         let best = open.next()?;
@@ -654,7 +687,7 @@ impl Fetch {
         let mut order: Vec<(bool, u64, PeerId)> = self
             .peers
             .iter()
-            .filter(|(id, p)| p.inflight < p.window && **id != best.2)
+            .filter(|(id, p)| p.inflight < p.window && self.may_offer(p) && **id != best.2)
             .map(|(id, p)| (!p.same_zone, u64::from(p.inflight) * 1000 / u64::from(p.window), *id))
             .collect();
         order.sort();
@@ -704,6 +737,9 @@ impl Fetch {
         if cids.is_empty() {
             return None;
         }
+        for c in &cids {
+            self.count_lacked(c, false);
+        }
         let req = self.next_req;
         self.next_req += 1;
         let deadline = now.plus_ms(self.config.timeout_ms);
@@ -737,6 +773,12 @@ impl Fetch {
             assert_eq!(n, p.inflight, "{id:?} in-flight count");
             assert!(p.window >= 1 && p.window <= self.config.window_max, "{id:?} window");
             assert!(p.lacks.len() <= self.config.lacks_max);
+            let lacked = if p.lacks.len() < self.pending.len() {
+                p.lacks.iter().filter(|c| self.pending.contains_key(c)).count()
+            } else {
+                self.pending.keys().filter(|c| p.lacks.contains(c)).count()
+            };
+            assert_eq!(lacked, p.lacked_pending, "{id:?} lacked pending count");
         }
         for (cid, f) in &self.inflight {
             assert!(self.peers.contains_key(&f.peer), "{cid} in flight at a departed peer");
@@ -762,9 +804,10 @@ impl Fetch {
     }
 }
 
-fn insert_bounded(set: &mut BTreeSet<Cid>, cid: Cid, max: usize) {
-    if set.len() < max {
-        set.insert(cid);
+/// `p` lacks `cid` (remembered up to `max` blocks), counted if it is pending.
+fn note_lacks(p: &mut PeerState, cid: Cid, pending: &BTreeMap<Cid, Want>, max: usize) {
+    if p.lacks.len() < max && p.lacks.insert(cid) && pending.contains_key(&cid) {
+        p.lacked_pending += 1;
     }
 }
 

@@ -184,6 +184,12 @@ pub struct Core<B: LogBackend> {
     rng: ChaCha8Rng,
     soft: (u64, StateRole, u64),
     outputs: VecDeque<Output>,
+    /// A Ready whose new entries and hard state are written to the backend but not synced:
+    /// its early messages (a leader's appends) are in `outputs`, and the sync runs once the
+    /// driver has taken them ([`Core::poll_output`]), so they travel while this node's disk
+    /// syncs (raft-rs counts the leader's own entries only after the sync). Every input
+    /// settles it first.
+    unsynced: Option<raft::Ready>,
     /// The first fatal error: from then on every call fails with it (fail-stop). A failed
     /// sync may have lost what raft-rs now believes durable; carrying on would break Raft.
     failed: Option<FatalError>,
@@ -333,6 +339,7 @@ impl<B: LogBackend> Core<B> {
             ),
             soft: (0, StateRole::Follower, 0),
             outputs: VecDeque::new(),
+            unsynced: None,
             failed: None,
             next_tick: now,
             applied_since_snapshot: 0,
@@ -451,7 +458,7 @@ impl<B: LogBackend> Core<B> {
     /// # Errors
     /// [`FatalError`]: the node must stop.
     pub fn handle_timeout(&mut self, now: Timestamp) -> Result<(), FatalError> {
-        self.check_failed()?;
+        self.settle()?;
         self.clock = self.clock.max(now);
         let mut evaluate = false;
         while self.next_tick <= now {
@@ -535,7 +542,7 @@ impl<B: LogBackend> Core<B> {
     /// # Errors
     /// [`FatalError`]: the node must stop.
     pub fn step(&mut self, bytes: &[u8]) -> Result<(), FatalError> {
-        self.check_failed()?;
+        self.settle()?;
         let Ok(msg) = Message::parse_from_bytes(bytes) else { return Ok(()) };
         if msg.to != self.config.id {
             return Ok(());
@@ -554,7 +561,7 @@ impl<B: LogBackend> Core<B> {
     /// # Errors
     /// [`ProposeError::NotLeader`]: forward it to the leader.
     pub fn propose(&mut self, data: Vec<u8>) -> Result<(), ProposeError> {
-        if let Some(e) = &self.failed {
+        if let Err(e) = self.settle() {
             return Err(ProposeError::Dropped(format!("the node stopped: {e}")));
         }
         if !self.is_leader() {
@@ -569,7 +576,7 @@ impl<B: LogBackend> Core<B> {
 
     /// Starts a linearizable read; [`Output::ReadReady`] says when it may be served.
     pub fn read_index(&mut self, ctx: Vec<u8>) {
-        if self.failed.is_some() {
+        if self.settle().is_err() {
             return;
         }
         self.raw.read_index(ctx);
@@ -578,7 +585,7 @@ impl<B: LogBackend> Core<B> {
 
     /// Hands leadership to `to`.
     pub fn transfer_leader(&mut self, to: u64) {
-        if self.failed.is_some() {
+        if self.settle().is_err() {
             return;
         }
         self.raw.transfer_leader(to);
@@ -588,7 +595,7 @@ impl<B: LogBackend> Core<B> {
 
     /// Starts an election now (tests; `cluster recover`).
     pub fn campaign(&mut self) {
-        if self.failed.is_some() {
+        if self.settle().is_err() {
             return;
         }
         let _ = self.raw.campaign();
@@ -598,6 +605,9 @@ impl<B: LogBackend> Core<B> {
 
     /// Reports a peer unreachable (the driver's send failed).
     pub fn report_unreachable(&mut self, id: u64) {
+        if self.settle().is_err() {
+            return;
+        }
         self.raw.report_unreachable(id);
     }
 
@@ -606,7 +616,7 @@ impl<B: LogBackend> Core<B> {
     /// # Errors
     /// [`FatalError`]: the node must stop.
     pub fn handle_snapshot_state(&mut self, cid: Cid, bytes: &[u8]) -> Result<(), FatalError> {
-        self.check_failed()?;
+        self.settle()?;
         let Some((want, index)) = self.awaiting_state else { return Ok(()) };
         if want != cid {
             return Ok(());
@@ -656,9 +666,18 @@ impl<B: LogBackend> Core<B> {
         )
     }
 
-    /// The next output.
+    /// The next output. Once the outputs queued before a pending sync are taken, this runs
+    /// the sync and the rest of the Ready loop (a failed sync is then in [`Core::failed`]).
     pub fn poll_output(&mut self) -> Option<Output> {
+        if self.outputs.is_empty() && self.unsynced.is_some() {
+            let _ = self.process();
+        }
         self.outputs.pop_front()
+    }
+
+    /// Completes a Ready left unsynced (and the loop after it) before an input is handled.
+    fn settle(&mut self) -> Result<(), FatalError> {
+        if self.unsynced.is_some() { self.process() } else { self.check_failed() }
     }
 
     /// Runs the Ready loop, then snapshots and membership decisions, until raft-rs has
@@ -685,8 +704,14 @@ impl<B: LogBackend> Core<B> {
     }
 
     fn process_inner(&mut self) -> Result<(), FatalError> {
+        if let Some(ready) = self.unsynced.take() {
+            self.finish_ready(ready)?;
+        }
         loop {
             self.ready_loop()?;
+            if self.unsynced.is_some() {
+                return Ok(());
+            }
             self.maybe_snapshot()?;
             // The leader's membership decisions may propose a conf change: run the same loop
             // again for it.
@@ -699,12 +724,15 @@ impl<B: LogBackend> Core<B> {
 
     /// The one Ready loop, in raft-rs's documented order: messages a leader may send early,
     /// snapshot, committed entries, then new entries and hard state with one sync, then the
-    /// messages that depend on them, then the light ready.
+    /// messages that depend on them, then the light ready. When there are early messages the
+    /// loop stops before the sync (`unsynced`): the driver sends them first.
     fn ready_loop(&mut self) -> Result<(), FatalError> {
-        while self.raw.has_ready() {
+        while self.unsynced.is_none() && self.raw.has_ready() {
             let mut ready = self.raw.ready();
             // 1. Messages a leader may send before persisting.
-            self.send(ready.take_messages());
+            let early = ready.take_messages();
+            let sent_early = !early.is_empty();
+            self.send(early);
             // 2. A snapshot from the leader.
             if !ready.snapshot().is_empty() {
                 let snap: Snapshot = ready.snapshot().clone();
@@ -730,31 +758,42 @@ impl<B: LogBackend> Core<B> {
                 self.raw.mut_store().set_hard_state(hs.clone());
                 self.backend.set_hard_state(hs);
             }
-            // Only new entries, a new term or vote, or a snapshot must be durable before the
-            // messages that depend on them; a moved commit index alone can wait for the next
-            // sync (raft re-learns it after a restart), which halves the syncs per commit.
-            if ready.must_sync() {
-                self.backend.sync().map_err(FatalError::Sync)?;
+            if sent_early && ready.must_sync() {
+                self.unsynced = Some(ready);
+                return Ok(());
             }
-            // 6. Messages that depend on what was just persisted.
-            self.send(ready.take_persisted_messages());
-            for rs in ready.take_read_states() {
-                self.outputs.push_back(Output::ReadReady { ctx: rs.request_ctx, index: rs.index });
-            }
-            let mut light = self.raw.advance(ready);
-            if let Some(commit) = light.commit_index() {
-                self.raw.mut_store().set_commit(commit);
-                let hs = self.raw.store().hard_state().clone();
-                self.backend.set_hard_state(&hs);
-            }
-            self.send(light.take_messages());
-            self.apply_entries(light.take_committed_entries())?;
-            self.raw.advance_apply();
-            for to in std::mem::take(&mut self.snapshot_sent) {
-                self.raw.report_snapshot(to, raft::SnapshotStatus::Finish);
-            }
-            self.after_input();
+            self.finish_ready(ready)?;
         }
+        Ok(())
+    }
+
+    /// The rest of one Ready: the sync, the messages that depend on it, read states, then
+    /// the light ready.
+    fn finish_ready(&mut self, mut ready: raft::Ready) -> Result<(), FatalError> {
+        // Only new entries, a new term or vote, or a snapshot must be durable before the
+        // messages that depend on them; a moved commit index alone can wait for the next
+        // sync (raft re-learns it after a restart), which halves the syncs per commit.
+        if ready.must_sync() {
+            self.backend.sync().map_err(FatalError::Sync)?;
+        }
+        // 6. Messages that depend on what was just persisted.
+        self.send(ready.take_persisted_messages());
+        for rs in ready.take_read_states() {
+            self.outputs.push_back(Output::ReadReady { ctx: rs.request_ctx, index: rs.index });
+        }
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit);
+            let hs = self.raw.store().hard_state().clone();
+            self.backend.set_hard_state(&hs);
+        }
+        self.send(light.take_messages());
+        self.apply_entries(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        for to in std::mem::take(&mut self.snapshot_sent) {
+            self.raw.report_snapshot(to, raft::SnapshotStatus::Finish);
+        }
+        self.after_input();
         Ok(())
     }
 

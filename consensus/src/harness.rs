@@ -1441,6 +1441,8 @@ fn a_failed_sync_stops_the_core_for_good() {
     let data = Proposal { from: b"admin".to_vec(), seq: 2, commands: vec![add] }.encode();
     let core = sim.nodes.get_mut(&leader).and_then(|n| n.core.as_mut()).expect("leader core");
     let _ = core.propose(data.clone());
+    // The leader's appends go out first; the sync runs once the driver has taken them.
+    while core.poll_output().is_some() {}
     assert!(
         matches!(core.failed(), Some(crate::FatalError::Sync(_))),
         "the failed sync is kept: {:?}",

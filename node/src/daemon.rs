@@ -314,8 +314,7 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
 
     let started = Instant::now();
     let config_watches = config.topology.watch.clone();
-    let seed =
-        u64::from_le_bytes(me.to_bytes()[me.to_bytes().len() - 8..].try_into().expect("8 bytes"));
+    let seed = node_seed(&me);
     let mut d = Daemon {
         placement_scores: mycel_policy::placement::ScoreCache::default(),
         me,
@@ -415,6 +414,14 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
     drop(d.store_tx);
     api.shutdown().await;
     Ok(())
+}
+
+/// A seed of this node's own (the tail of its PeerId, which ends in its public key).
+fn node_seed(me: &PeerId) -> u64 {
+    let bytes = me.to_bytes();
+    u64::from_le_bytes(
+        bytes[bytes.len() - 8..].try_into().expect("a PeerId is longer than 8 bytes"),
+    )
 }
 
 fn parse_members(config: &NodeConfig, me: PeerId) -> Result<BTreeSet<PeerId>, String> {
@@ -936,6 +943,7 @@ impl Daemon {
             timeout_ms: self.config.node.request_timeout_ms,
             want_batch: 32,
             window_max: 128,
+            seed: node_seed(&self.me),
             ..fetch::Config::default()
         };
         let mut f = Fetch::new(root, config, self.ts());

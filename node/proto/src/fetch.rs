@@ -24,6 +24,8 @@ use crate::wire::WANT_CIDS_MAX;
 /// Manifest blocks held unexpanded at most before more are requested.
 const DEFERRED_MAX: usize = 64;
 use crate::{PeerId, Timestamp};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 /// Tuning of a fetch.
 #[derive(Clone, Debug)]
@@ -46,6 +48,18 @@ pub struct Config {
     pub who_has_ms: u64,
     /// `DontHave` answers remembered per peer, at most.
     pub lacks_max: usize,
+    /// How long a peer's `DontHave` answers are believed: a partial holder is still
+    /// fetching, so what it lacked may be there a moment later (a swarm relays that way).
+    pub lacks_ttl_ms: u64,
+    /// Queueing delay a peer may build up: a block that took longer than this from request
+    /// to arrival shrinks the peer's window (at most once per this interval). Without it a
+    /// holder shared by many fetchers queues far more than it can send, requests time out
+    /// there, and it sends blocks nobody waits for any more.
+    pub queue_target_ms: u64,
+    /// Seeds the choice of which pending chunks to ask for first when several peers serve
+    /// the fetch (distinct per node, so fetchers of one object ask a shared holder for
+    /// different chunks and can then serve each other).
+    pub seed: u64,
 }
 
 impl Default for Config {
@@ -60,6 +74,9 @@ impl Default for Config {
             queue_max: 65_536,
             who_has_ms: 2_000,
             lacks_max: 100_000,
+            lacks_ttl_ms: 2_000,
+            queue_target_ms: 1_500,
+            seed: 0,
         }
     }
 }
@@ -176,6 +193,10 @@ struct PeerState {
     corrupt: u32,
     stalls: u32,
     lacks: BTreeSet<Cid>,
+    /// When `lacks` is forgotten (set by its first entry).
+    lacks_until: Option<Timestamp>,
+    /// The window shrinks at most once per queue target interval.
+    next_decrease: Timestamp,
     /// How many pending blocks are in `lacks`: when it equals the pending count, the peer has
     /// nothing to offer and is not scanned (a swarm's partial holders lack most of the queue,
     /// and scanning it per peer per event was most of a fetching node's CPU).
@@ -232,11 +253,16 @@ pub struct Fetch {
     next_req: u64,
     next_who_has: Timestamp,
     finished: bool,
+    /// The latest time an input gave.
+    clock: Timestamp,
+    /// Picks where in the chunk queue a request starts (see [`Config::seed`]).
+    rng: ChaCha8Rng,
 }
 
 impl Fetch {
     /// Starts fetching `root`; the first action looks the root block up locally.
     pub fn new(root: Cid, config: Config, now: Timestamp) -> Fetch {
+        let seed = config.seed;
         assert!(config.want_batch >= 1 && config.want_batch <= WANT_CIDS_MAX);
         assert!(config.window_initial >= 1 && config.window_initial <= config.window_max);
         let mut f = Fetch {
@@ -260,6 +286,8 @@ impl Fetch {
             next_req: 1,
             next_who_has: now,
             finished: false,
+            clock: now,
+            rng: ChaCha8Rng::seed_from_u64(config_seed(&root, seed)),
         };
         f.lookup(root, Want::Root);
         f
@@ -285,6 +313,7 @@ impl Fetch {
         {
             p.lacks.clear();
             p.lacked_pending = 0;
+            p.lacks_until = None;
         }
         self.peers.entry(peer).or_insert(PeerState {
             same_zone,
@@ -295,6 +324,8 @@ impl Fetch {
             corrupt: 0,
             stalls: 0,
             lacks: BTreeSet::new(),
+            lacks_until: None,
+            next_decrease: Timestamp(0),
             lacked_pending: 0,
         });
     }
@@ -490,6 +521,7 @@ impl Fetch {
 
     /// A block from `peer`.
     pub fn handle_block(&mut self, peer: PeerId, cid: Cid, bytes: Vec<u8>, now: Timestamp) {
+        self.clock = self.clock.max(now);
         let flight = self.inflight.get(&cid).filter(|f| f.peer == peer).cloned();
         let want = match (&flight, self.wanted(&cid)) {
             (Some(f), _) => f.want,
@@ -537,9 +569,22 @@ impl Fetch {
             self.count_lacked(&cid, false);
         }
         *self.received.entry(peer).or_default() += bytes.len() as u64;
+        // Time from request to arrival: mostly the queue at the peer.
+        let queued_ms = flight.as_ref().map_or(0, |f| {
+            now.0.saturating_sub(f.deadline.0.saturating_sub(self.config.timeout_ms))
+        });
+        let target = self.config.queue_target_ms;
         if let Some(p) = self.peers.get_mut(&peer) {
             p.stalls = 0;
-            if p.slow_start {
+            if queued_ms > target {
+                // Too much queued there: back off (multiplicatively, once per interval).
+                p.slow_start = false;
+                p.credit = 0;
+                if now >= p.next_decrease {
+                    p.window = (p.window * 3 / 4).max(1);
+                    p.next_decrease = now.plus_ms(target);
+                }
+            } else if p.slow_start {
                 p.window = (p.window + 1).min(self.config.window_max);
             } else {
                 // Additive increase: one more slot per window's worth of deliveries.
@@ -576,6 +621,7 @@ impl Fetch {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.inflight -= 1;
             note_lacks(p, cid, &self.pending, self.config.lacks_max);
+            p.lacks_until.get_or_insert(self.clock.plus_ms(self.config.lacks_ttl_ms));
         }
         self.requeue(cid, f.want);
     }
@@ -608,10 +654,8 @@ impl Fetch {
         }
         let deadline = self.inflight.values().map(|f| f.deadline).min();
         let who_has = self.starved().then_some(self.next_who_has);
-        match (deadline, who_has) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let forget = self.peers.values().filter_map(|p| p.lacks_until).min();
+        [deadline, who_has, forget].into_iter().flatten().min()
     }
 
     /// Whether something is missing that no current peer can be asked for.
@@ -627,6 +671,14 @@ impl Fetch {
 
     /// Moves timed-out work to other peers, and asks who-has when starved.
     pub fn handle_timeout(&mut self, now: Timestamp) {
+        self.clock = self.clock.max(now);
+        for p in self.peers.values_mut() {
+            if p.lacks_until.is_some_and(|t| t <= now) {
+                p.lacks.clear();
+                p.lacked_pending = 0;
+                p.lacks_until = None;
+            }
+        }
         let expired: Vec<Cid> =
             self.inflight.iter().filter(|(_, f)| f.deadline <= now).map(|(c, _)| *c).collect();
         let mut stalled: BTreeSet<PeerId> = BTreeSet::new();
@@ -655,6 +707,7 @@ impl Fetch {
 
     /// The next action for the driver, assigning requested work to peers as windows allow.
     pub fn poll_action(&mut self, now: Timestamp) -> Option<Action> {
+        self.clock = self.clock.max(now);
         if let Some(a) = self.actions.pop_front() {
             return Some(a);
         }
@@ -672,13 +725,10 @@ impl Fetch {
         // nearly always takes work, so it is found in one pass; the rest are sorted only when
         // it lacks everything pending (a fleet's fetch can have a thousand peers).
         // A peer that lacks every pending block is skipped: asking it would find nothing.
-        let mut open = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.inflight < p.window && self.may_offer(p))
-            .map(|(id, p)| {
-                (!p.same_zone, u64::from(p.inflight) * 1000 / u64::from(p.window), *id)
-            });
+        let mut open =
+            self.peers.iter().filter(|(_, p)| p.inflight < p.window && self.may_offer(p)).map(
+                |(id, p)| (!p.same_zone, u64::from(p.inflight) * 1000 / u64::from(p.window), *id),
+            );
         let best = open.next()?;
         let best = open.fold(best, std::cmp::min);
         if let Some(a) = self.assign_to(best.2, now) {
@@ -705,6 +755,12 @@ impl Fetch {
         let mut wants = Vec::new();
         // Manifest nodes wait while enough are already read but unexpanded (bounds memory).
         let nodes_ok = self.deferred.len() < DEFERRED_MAX;
+        // With several peers, chunks are taken from a random place in the queue: fetchers of
+        // one object then ask a shared holder for different chunks, and serve each other.
+        if self.peers.len() > 1 && self.pending_chunks.len() > take {
+            let start = self.rng.gen_range(0..self.pending_chunks.len());
+            self.pending_chunks.rotate_left(start);
+        }
         for (qi, queue) in
             [&mut self.pending_nodes, &mut self.pending_chunks].into_iter().enumerate()
         {
@@ -802,6 +858,14 @@ impl Fetch {
                     + DEFERRED_MAX * crate::wire::FRAME_BYTES_MAX / 36
         );
     }
+}
+
+/// A fetch's seed: the configured one mixed with the root, so one node's fetches of
+/// different objects differ too.
+fn config_seed(root: &Cid, seed: u64) -> u64 {
+    let bytes = root.to_bytes();
+    let tail: [u8; 8] = bytes[bytes.len() - 8..].try_into().expect("a CID ends in a digest");
+    seed ^ u64::from_le_bytes(tail)
 }
 
 /// `p` lacks `cid` (remembered up to `max` blocks), counted if it is pending.

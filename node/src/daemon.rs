@@ -675,9 +675,8 @@ impl Daemon {
                         else {
                             return;
                         };
-                        if !cid.matches(&bytes) {
-                            self.metrics.corrupt_blocks.inc();
-                        }
+                        // The fetch core checks the block against its CID (a mismatch comes
+                        // back as a penalty, counted there).
                         if let Some(job) = self.jobs.get_mut(&root) {
                             job.fetch.handle_block(cp, cid, bytes, now);
                         }

@@ -5,7 +5,8 @@
 //! client on its own endpoint that trusts it. The client opens one bidirectional stream (libp2p
 //! disables unidirectional ones) and writes the byte count; the server answers with that many
 //! bytes, written from one reused 1 MiB buffer of random bytes; the client reads them into one
-//! reused buffer and discards them, hashing nothing. The clock runs from the opening of the
+//! reused buffer and discards them, or with `--out FILE` writes them to that file (the sink
+//! `mycel get` has: the object lands in a file), hashing nothing. The clock runs from the opening of the
 //! stream to the end of the stream on the client; the handshake is not timed.
 //!
 //! The transport and TLS settings are those libp2p-quic 0.14 builds (`QuinnConfig::from` in its
@@ -20,6 +21,7 @@
 
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)] // a driver: clock, RNG, sockets
 
+use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,6 +65,10 @@ struct Args {
     /// Preferred TLS 1.3 cipher suite; `chacha20` is what two libp2p nodes negotiate.
     #[arg(long, value_enum, default_value_t = Cipher::Chacha20)]
     cipher: Cipher,
+    /// Write the received bytes to this file (created or truncated), as `mycel get` writes
+    /// the object it fetched; without it they are discarded.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -127,9 +133,22 @@ async fn transfer(args: &Args) -> Result<f64> {
     send.write_all(&args.bytes.to_le_bytes()).await?;
     send.finish()?;
     let mut sink = vec![0u8; BUFFER_BYTES];
+    let mut out = match &args.out {
+        // Plain blocking writes (to tmpfs in the benchmark): the cheapest honest sink.
+        Some(path) => {
+            Some(std::fs::File::create(path).with_context(|| format!("{}", path.display()))?)
+        }
+        None => None,
+    };
     let mut received = 0u64;
     while let Some(n) = recv.read(&mut sink).await? {
+        if let Some(out) = out.as_mut() {
+            out.write_all(&sink[..n])?;
+        }
         received += n as u64;
+    }
+    if let Some(out) = out.as_mut() {
+        out.flush()?;
     }
     let seconds = start.elapsed().as_secs_f64();
     ensure!(received == args.bytes, "received {received} of {} bytes", args.bytes);

@@ -241,6 +241,11 @@ pub struct Fetch {
     /// entries (blocks that arrived meanwhile), skipped when met.
     pending: BTreeMap<Cid, Want>,
     inflight: BTreeMap<Cid, InFlight>,
+    /// The requests' deadlines in the order they were set (so ascending): the earliest
+    /// deadline in flight is the first entry still in `inflight`, found without a scan of
+    /// every flight (the driver asks after every event). Entries of blocks that arrived are
+    /// dropped from the front as it is reached.
+    deadlines: VecDeque<(Timestamp, Cid)>,
     /// Manifest blocks stored but not yet expanded (expansion waits while the queue is full).
     deferred: VecDeque<(Cid, Want, Vec<u8>)>,
     /// Blocks known stored or received (so duplicates and repeats are recognised).
@@ -277,6 +282,7 @@ impl Fetch {
             pending_chunks: VecDeque::new(),
             pending: BTreeMap::new(),
             inflight: BTreeMap::new(),
+            deadlines: VecDeque::new(),
             deferred: VecDeque::new(),
             done: BTreeSet::new(),
             requested_once: BTreeSet::new(),
@@ -652,10 +658,26 @@ impl Fetch {
         if self.finished {
             return None;
         }
-        let deadline = self.inflight.values().map(|f| f.deadline).min();
+        let deadline =
+            self.deadlines.iter().find(|(t, c)| self.in_flight_until(c, *t)).map(|d| d.0);
         let who_has = self.starved().then_some(self.next_who_has);
         let forget = self.peers.values().filter_map(|p| p.lacks_until).min();
         [deadline, who_has, forget].into_iter().flatten().min()
+    }
+
+    /// Whether `cid` is in flight with deadline `t` (an entry of `deadlines` is live).
+    fn in_flight_until(&self, cid: &Cid, t: Timestamp) -> bool {
+        self.inflight.get(cid).is_some_and(|f| f.deadline == t)
+    }
+
+    /// Drops the entries of `deadlines` at its front that are no longer live.
+    fn prune_deadlines(&mut self) {
+        while let Some((t, c)) = self.deadlines.front() {
+            if self.in_flight_until(c, *t) {
+                return;
+            }
+            self.deadlines.pop_front();
+        }
     }
 
     /// Whether something is missing that no current peer can be asked for.
@@ -708,6 +730,7 @@ impl Fetch {
     /// The next action for the driver, assigning requested work to peers as windows allow.
     pub fn poll_action(&mut self, now: Timestamp) -> Option<Action> {
         self.clock = self.clock.max(now);
+        self.prune_deadlines();
         if let Some(a) = self.actions.pop_front() {
             return Some(a);
         }
@@ -798,8 +821,10 @@ impl Fetch {
         }
         let req = self.next_req;
         self.next_req += 1;
-        let deadline = now.plus_ms(self.config.timeout_ms);
+        // From the latest time seen, so `deadlines` stays in ascending order.
+        let deadline = now.max(self.clock).plus_ms(self.config.timeout_ms);
         for (c, w) in cids.iter().zip(wants) {
+            self.deadlines.push_back((deadline, *c));
             if !self.requested_once.insert(*c) {
                 self.rerequested += 1;
             }
@@ -824,6 +849,9 @@ impl Fetch {
     /// # Panics
     /// If the queues, flights and windows disagree: a bug.
     pub fn check_invariants(&self) {
+        let earliest = self.inflight.values().map(|f| f.deadline).min();
+        let queued = self.deadlines.iter().find(|(t, c)| self.in_flight_until(c, *t));
+        assert_eq!(earliest, queued.map(|d| d.0), "the earliest deadline in flight");
         for (id, p) in &self.peers {
             let n = self.inflight.values().filter(|f| &f.peer == id).count() as u32;
             assert_eq!(n, p.inflight, "{id:?} in-flight count");

@@ -157,6 +157,10 @@ pub struct Store {
     /// Whether a [`Writer`] exists (a flag, not a guard, so a writer can move to a thread).
     writing: Mutex<bool>,
     writer_done: Condvar,
+    /// Stage buffers of the last writer, for the next one: a writer per group commit would
+    /// otherwise allocate and zero 8 MiB each time (a fetching node commits tens of times a
+    /// second when blocks trickle in).
+    stage_buffers: Mutex<Vec<AlignedBuf>>,
     _lock_file: Option<File>,
 }
 
@@ -211,6 +215,7 @@ impl Store {
             packs: Mutex::new(Packs { files: BTreeMap::new() }),
             writing: Mutex::new(false),
             writer_done: Condvar::new(),
+            stage_buffers: Mutex::new(Vec::new()),
             _lock_file: None,
         };
         store.init_tables()?;
@@ -410,7 +415,9 @@ impl Store {
             removed_roots: Vec::new(),
             namespaces: Vec::new(),
             stored_bytes: 0,
-            stage: Stage::new(),
+            stage: Stage::with_buffers(std::mem::take(
+                &mut *self.stage_buffers.lock().expect("stage buffers lock poisoned"),
+            )),
             chunks: None,
             dead: Vec::new(),
             dropped_packs: Vec::new(),
@@ -728,6 +735,8 @@ pub struct Writer<'a> {
 
 impl Drop for Writer<'_> {
     fn drop(&mut self) {
+        let buffers = self.stage.take_buffers();
+        *self.store.stage_buffers.lock().expect("stage buffers lock poisoned") = buffers;
         self.store.release_writer();
     }
 }
@@ -943,6 +952,11 @@ impl AlignedBuf {
         AlignedBuf { raw, base }
     }
 
+    /// A placeholder for a buffer handed back ([`Stage::take_buffers`]); never written.
+    fn empty() -> AlignedBuf {
+        AlignedBuf { raw: Vec::new(), base: 0 }
+    }
+
     fn bytes(&self) -> &[u8] {
         &self.raw[self.base..self.base + STAGE_BYTES]
     }
@@ -969,14 +983,28 @@ struct Stage {
 }
 
 impl Stage {
-    fn new() -> Stage {
+    /// A stage using buffers a previous stage gave back (none: a fresh one).
+    fn with_buffers(mut buffers: Vec<AlignedBuf>) -> Stage {
+        let buf = buffers.pop().unwrap_or_else(AlignedBuf::new);
         Stage {
-            buf: AlignedBuf::new(),
+            buf,
             len: 0,
             file_offset: 0,
             in_flight: std::collections::VecDeque::new(),
-            spare: Vec::new(),
+            spare: buffers,
         }
+    }
+
+    /// Waits for the writes in flight and hands every buffer back; the stage is not used
+    /// after this (its writer is being dropped).
+    fn take_buffers(&mut self) -> Vec<AlignedBuf> {
+        let _ = self.wait_all();
+        let mut buffers = std::mem::take(&mut self.spare);
+        let buf = std::mem::replace(&mut self.buf, AlignedBuf::empty());
+        if !buf.raw.is_empty() {
+            buffers.push(buf);
+        }
+        buffers
     }
 
     fn reset(&mut self, file_offset: u64) {

@@ -483,3 +483,109 @@ fn the_same_seed_gives_the_same_trace() {
     assert_eq!(scenario_trace(42), scenario_trace(42));
     assert_ne!(scenario_trace(42), scenario_trace(43));
 }
+
+/// Drives `f` at `now`, serving manifest blocks from `store` and answering lookups "absent",
+/// until it asks for chunks: that request's peer and chunks.
+fn first_chunk_request(f: &mut Fetch, store: &Store, now: Timestamp) -> (PeerId, Vec<Cid>) {
+    loop {
+        match f.poll_action(now).expect("the fetch has work") {
+            Action::Lookup { cid, .. } => f.handle_local(cid, Local::Absent),
+            Action::Request { peer, cids, .. } => {
+                if cids.iter().all(|c| c.codec() == mycel_chunker::Codec::Raw) {
+                    return (peer, cids);
+                }
+                for c in cids {
+                    f.handle_block(peer, c, store[&c].clone(), now);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn fetchers_with_several_peers_start_at_different_places() {
+    // Fetchers of one object that share holders ask for different chunks first (so a shared
+    // source sends each chunk about once and they relay the rest); one seed, one choice; with
+    // a single peer the walk order stands whatever the seed.
+    let (root, full, _) = wide_object(11, 4 << 20);
+    let first = |seed: u64, peers: usize| {
+        let mut f = Fetch::new(root, Config { seed, ..Config::default() }, Timestamp(0));
+        for n in 0..peers {
+            f.add_peer(peer(n), true);
+        }
+        first_chunk_request(&mut f, &full, Timestamp(0)).1
+    };
+    assert_ne!(first(1, 2), first(2, 2), "two nodes ask for different chunks first");
+    assert_eq!(first(1, 2), first(1, 2), "the same seed makes the same choice");
+    assert_eq!(first(1, 1), first(2, 1), "one peer: the walk order, whatever the seed");
+}
+
+#[test]
+fn dont_have_answers_are_forgotten_after_a_while() {
+    // A partial holder says DontHave for everything it is asked; it is not asked again at
+    // once, but once the answers expire (it may have fetched them since) it is.
+    let (root, full, _) = wide_object(12, 1 << 20);
+    let config = Config::default();
+    let mut f = Fetch::new(root, config.clone(), Timestamp(0));
+    f.add_peer(peer(0), true);
+    let now = Timestamp(0);
+    let (p, first) = first_chunk_request(&mut f, &full, now);
+    let mut refused = std::collections::BTreeSet::new();
+    let mut answer = |f: &mut Fetch, cids: Vec<Cid>| {
+        for c in cids {
+            refused.insert(c);
+            f.handle_dont_have(p, c);
+        }
+    };
+    answer(&mut f, first);
+    while let Some(a) = f.poll_action(now) {
+        match a {
+            Action::Request { cids, .. } => answer(&mut f, cids),
+            Action::Lookup { cid, .. } => f.handle_local(cid, Local::Absent),
+            _ => {}
+        }
+    }
+    assert!(f.poll_action(now).is_none(), "a peer that lacks everything is not asked");
+    let wake = f.poll_timeout().expect("a timer for the expiry");
+    assert!(wake.0 <= config.lacks_ttl_ms, "wakes by the expiry: {wake:?}");
+    f.handle_timeout(Timestamp(config.lacks_ttl_ms));
+    let again = std::iter::from_fn(|| f.poll_action(Timestamp(config.lacks_ttl_ms)))
+        .find_map(|a| match a {
+            Action::Request { peer, cids, .. } => Some((peer, cids)),
+            _ => None,
+        })
+        .expect("asked again after the expiry");
+    assert_eq!(again.0, p);
+    assert!(again.1.iter().all(|c| refused.contains(c)), "the blocks it lacked before");
+}
+
+#[test]
+fn a_peer_that_queues_too_long_gets_a_smaller_window() {
+    // Blocks that take longer than the queue target from request to arrival shrink the
+    // peer's window; prompt ones grow it (slow start).
+    let (root, full, _) = wide_object(13, 4 << 20);
+    let requested_after = |delay_ms: u64| {
+        let mut f = Fetch::new(root, Config::default(), Timestamp(0));
+        f.add_peer(peer(0), true);
+        let (p, mut asked) = first_chunk_request(&mut f, &full, Timestamp(0));
+        while let Some(Action::Request { cids, .. }) = f.poll_action(Timestamp(0)) {
+            asked.extend(cids);
+        }
+        let t = Timestamp(delay_ms);
+        for c in &asked {
+            f.handle_block(p, *c, full[c].clone(), t);
+        }
+        let mut next = 0;
+        while let Some(a) = f.poll_action(t) {
+            if let Action::Request { cids, .. } = a {
+                next += cids.len();
+            }
+        }
+        (asked.len(), next)
+    };
+    let (before, prompt) = requested_after(10);
+    let (_, late) = requested_after(Config::default().queue_target_ms + 500);
+    assert!(prompt > before, "prompt answers grow the window: {before} -> {prompt}");
+    assert!(late < before, "late answers shrink it: {before} -> {late}");
+}

@@ -232,6 +232,11 @@ pub struct Fetch {
     total_bytes: u64,
     done_bytes: u64,
     peers: BTreeMap<PeerId, PeerState>,
+    /// The peers whose `lacks` is not empty (a fleet's fetch can have a thousand peers, and
+    /// most lack nothing).
+    lacking: BTreeSet<PeerId>,
+    /// The earliest `lacks_until` of any peer.
+    next_forget: Option<Timestamp>,
     /// Lookups sent, awaiting `handle_local`.
     looking: BTreeMap<Cid, Want>,
     /// Missing manifest blocks, then missing chunks, in walk order.
@@ -277,6 +282,8 @@ impl Fetch {
             total_bytes: 0,
             done_bytes: 0,
             peers: BTreeMap::new(),
+            lacking: BTreeSet::new(),
+            next_forget: None,
             looking: BTreeMap::new(),
             pending_nodes: VecDeque::new(),
             pending_chunks: VecDeque::new(),
@@ -320,6 +327,8 @@ impl Fetch {
             p.lacks.clear();
             p.lacked_pending = 0;
             p.lacks_until = None;
+            self.lacking.remove(&peer);
+            self.refresh_forget();
         }
         self.peers.entry(peer).or_insert(PeerState {
             same_zone,
@@ -344,8 +353,10 @@ impl Fetch {
     /// A peer left or was dropped: its outstanding work goes back to the queue. The bytes
     /// it delivered stay counted.
     pub fn peer_gone(&mut self, peer: &PeerId) {
-        if self.peers.remove(peer).is_none() {
-            return;
+        let Some(gone) = self.peers.remove(peer) else { return };
+        self.lacking.remove(peer);
+        if gone.lacks_until.is_some() {
+            self.refresh_forget();
         }
         let lost: Vec<Cid> =
             self.inflight.iter().filter(|(_, f)| &f.peer == peer).map(|(c, _)| *c).collect();
@@ -393,8 +404,9 @@ impl Fetch {
     /// `cid` entered (`true`) or left `pending`: the peers that lack it lack one more (or one
     /// fewer) pending block.
     fn count_lacked(&mut self, cid: &Cid, entered: bool) {
-        for p in self.peers.values_mut() {
-            if !p.lacks.is_empty() && p.lacks.contains(cid) {
+        for id in &self.lacking {
+            let Some(p) = self.peers.get_mut(id) else { continue };
+            if p.lacks.contains(cid) {
                 if entered {
                     p.lacked_pending += 1;
                 } else {
@@ -402,6 +414,11 @@ impl Fetch {
                 }
             }
         }
+    }
+
+    /// Recomputes the earliest time a peer's `lacks` is forgotten.
+    fn refresh_forget(&mut self) {
+        self.next_forget = self.peers.values().filter_map(|p| p.lacks_until).min();
     }
 
     /// Whether `p` may hold something pending (it does not lack every pending block).
@@ -558,6 +575,9 @@ impl Fetch {
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.corrupt += 1;
                 note_lacks(p, cid, &self.pending, self.config.lacks_max);
+                if !p.lacks.is_empty() {
+                    self.lacking.insert(peer);
+                }
             }
             self.penalize(peer, Penalty::Corrupt);
             if flight.is_some() {
@@ -627,7 +647,11 @@ impl Fetch {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.inflight -= 1;
             note_lacks(p, cid, &self.pending, self.config.lacks_max);
-            p.lacks_until.get_or_insert(self.clock.plus_ms(self.config.lacks_ttl_ms));
+            if !p.lacks.is_empty() {
+                self.lacking.insert(peer);
+            }
+            let until = *p.lacks_until.get_or_insert(self.clock.plus_ms(self.config.lacks_ttl_ms));
+            self.next_forget = Some(self.next_forget.map_or(until, |t| t.min(until)));
         }
         self.requeue(cid, f.want);
     }
@@ -661,8 +685,7 @@ impl Fetch {
         let deadline =
             self.deadlines.iter().find(|(t, c)| self.in_flight_until(c, *t)).map(|d| d.0);
         let who_has = self.starved().then_some(self.next_who_has);
-        let forget = self.peers.values().filter_map(|p| p.lacks_until).min();
-        [deadline, who_has, forget].into_iter().flatten().min()
+        [deadline, who_has, self.next_forget].into_iter().flatten().min()
     }
 
     /// Whether `cid` is in flight with deadline `t` (an entry of `deadlines` is live).
@@ -694,12 +717,16 @@ impl Fetch {
     /// Moves timed-out work to other peers, and asks who-has when starved.
     pub fn handle_timeout(&mut self, now: Timestamp) {
         self.clock = self.clock.max(now);
-        for p in self.peers.values_mut() {
-            if p.lacks_until.is_some_and(|t| t <= now) {
-                p.lacks.clear();
-                p.lacked_pending = 0;
-                p.lacks_until = None;
+        if self.next_forget.is_some_and(|t| t <= now) {
+            for (id, p) in &mut self.peers {
+                if p.lacks_until.is_some_and(|t| t <= now) {
+                    p.lacks.clear();
+                    p.lacked_pending = 0;
+                    p.lacks_until = None;
+                    self.lacking.remove(id);
+                }
             }
+            self.refresh_forget();
         }
         let expired: Vec<Cid> =
             self.inflight.iter().filter(|(_, f)| f.deadline <= now).map(|(c, _)| *c).collect();
@@ -852,6 +879,11 @@ impl Fetch {
         let earliest = self.inflight.values().map(|f| f.deadline).min();
         let queued = self.deadlines.iter().find(|(t, c)| self.in_flight_until(c, *t));
         assert_eq!(earliest, queued.map(|d| d.0), "the earliest deadline in flight");
+        let lacking: BTreeSet<PeerId> =
+            self.peers.iter().filter(|(_, p)| !p.lacks.is_empty()).map(|(id, _)| *id).collect();
+        assert_eq!(lacking, self.lacking, "the peers that lack something");
+        let forget = self.peers.values().filter_map(|p| p.lacks_until).min();
+        assert_eq!(forget, self.next_forget, "the earliest expiry of lacks");
         for (id, p) in &self.peers {
             let n = self.inflight.values().filter(|f| &f.peer == id).count() as u32;
             assert_eq!(n, p.inflight, "{id:?} in-flight count");

@@ -203,6 +203,15 @@ struct PeerState {
     lacked_pending: usize,
 }
 
+impl PeerState {
+    /// Forgets what the peer said it lacks (the caller keeps `lacking` and `next_forget`).
+    fn forget_lacks(&mut self) {
+        self.lacks.clear();
+        self.lacked_pending = 0;
+        self.lacks_until = None;
+    }
+}
+
 #[derive(Clone, Debug)]
 struct InFlight {
     peer: PeerId,
@@ -272,7 +281,7 @@ pub struct Fetch {
 impl Fetch {
     /// Starts fetching `root`; the first action looks the root block up locally.
     pub fn new(root: Cid, config: Config, now: Timestamp) -> Fetch {
-        let seed = config.seed;
+        let rng = ChaCha8Rng::seed_from_u64(config_seed(&root, config.seed));
         assert!(config.want_batch >= 1 && config.want_batch <= WANT_CIDS_MAX);
         assert!(config.window_initial >= 1 && config.window_initial <= config.window_max);
         let mut f = Fetch {
@@ -300,7 +309,7 @@ impl Fetch {
             next_who_has: now,
             finished: false,
             clock: now,
-            rng: ChaCha8Rng::seed_from_u64(config_seed(&root, seed)),
+            rng,
         };
         f.lookup(root, Want::Root);
         f
@@ -324,9 +333,7 @@ impl Fetch {
         if self.starved()
             && let Some(p) = self.peers.get_mut(&peer)
         {
-            p.lacks.clear();
-            p.lacked_pending = 0;
-            p.lacks_until = None;
+            p.forget_lacks();
             self.lacking.remove(&peer);
             self.refresh_forget();
         }
@@ -412,6 +419,17 @@ impl Fetch {
                 } else {
                     p.lacked_pending -= 1;
                 }
+            }
+        }
+    }
+
+    /// `peer` lacks `cid` (remembered up to `lacks_max` blocks), counted if it is pending.
+    fn note_lacks(&mut self, peer: PeerId, cid: Cid) {
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        if p.lacks.len() < self.config.lacks_max && p.lacks.insert(cid) {
+            self.lacking.insert(peer);
+            if self.pending.contains_key(&cid) {
+                p.lacked_pending += 1;
             }
         }
     }
@@ -574,11 +592,8 @@ impl Fetch {
         if !valid {
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.corrupt += 1;
-                note_lacks(p, cid, &self.pending, self.config.lacks_max);
-                if !p.lacks.is_empty() {
-                    self.lacking.insert(peer);
-                }
             }
+            self.note_lacks(peer, cid);
             self.penalize(peer, Penalty::Corrupt);
             if flight.is_some() {
                 self.requeue(cid, want);
@@ -646,13 +661,10 @@ impl Fetch {
         self.inflight.remove(&cid);
         if let Some(p) = self.peers.get_mut(&peer) {
             p.inflight -= 1;
-            note_lacks(p, cid, &self.pending, self.config.lacks_max);
-            if !p.lacks.is_empty() {
-                self.lacking.insert(peer);
-            }
             let until = *p.lacks_until.get_or_insert(self.clock.plus_ms(self.config.lacks_ttl_ms));
             self.next_forget = Some(self.next_forget.map_or(until, |t| t.min(until)));
         }
+        self.note_lacks(peer, cid);
         self.requeue(cid, f.want);
     }
 
@@ -720,9 +732,7 @@ impl Fetch {
         if self.next_forget.is_some_and(|t| t <= now) {
             for (id, p) in &mut self.peers {
                 if p.lacks_until.is_some_and(|t| t <= now) {
-                    p.lacks.clear();
-                    p.lacked_pending = 0;
-                    p.lacks_until = None;
+                    p.forget_lacks();
                     self.lacking.remove(id);
                 }
             }
@@ -926,13 +936,6 @@ fn config_seed(root: &Cid, seed: u64) -> u64 {
     let bytes = root.to_bytes();
     let tail: [u8; 8] = bytes[bytes.len() - 8..].try_into().expect("a CID ends in a digest");
     seed ^ u64::from_le_bytes(tail)
-}
-
-/// `p` lacks `cid` (remembered up to `max` blocks), counted if it is pending.
-fn note_lacks(p: &mut PeerState, cid: Cid, pending: &BTreeMap<Cid, Want>, max: usize) {
-    if p.lacks.len() < max && p.lacks.insert(cid) && pending.contains_key(&cid) {
-        p.lacked_pending += 1;
-    }
 }
 
 #[cfg(test)]

@@ -2278,6 +2278,17 @@ impl Daemon {
                 .filter_map(|m| PeerId::from_bytes(&m.peer).ok())
                 .filter(|p| *p != self.me && self.connected.contains_key(p))
                 .collect();
+            // Knowing no manager yet: every connected bootstrap peer (one that has not caught
+            // up on this node's join ignores the request, and asking only the first one could
+            // wait on it for as long as it lags).
+            if targets.is_empty() {
+                targets = self
+                    .bootstrap
+                    .iter()
+                    .map(|(p, _)| *p)
+                    .filter(|p| *p != self.me && self.connected.contains_key(p))
+                    .collect();
+            }
             if targets.is_empty()
                 && let Some(t) = self.proposal_target()
             {

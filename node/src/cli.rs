@@ -770,8 +770,24 @@ fn through_daemon(
             return Ok(None);
         };
         let mut fetched: Option<daemon::FetchUpdate> = None;
-        if let Command::Get { cid, timeout, .. } = command {
-            fetched = Some(fetch_through(ctx, &mut client, cid, *timeout).await?);
+        if let Command::Get { cid, timeout, out, in_place, format, source } = command {
+            // A plain file output is written by the daemon while it fetches.
+            let live = out.as_path() != std::path::Path::new("-")
+                && !in_place
+                && format.is_none()
+                && !source;
+            let live = match live.then(|| std::path::absolute(out)).transpose() {
+                Ok(l) => l,
+                Err(e) => {
+                    return Err(Failure::new(EXIT_INVALID, format!("{}: {e}", out.display())));
+                }
+            };
+            let update = fetch_through(ctx, &mut client, cid, *timeout, live.as_deref()).await?;
+            if let Some(report) = &update.output {
+                let body = print_get(ctx, report, out, Some(&update));
+                return Ok(Some((Ok(()), body)));
+            }
+            fetched = Some(update);
             // The progress stream used that connection up: take a fresh one.
             client = api::client::Client::connect(&socket)
                 .await
@@ -781,11 +797,8 @@ fn through_daemon(
         // `get --json` through the mesh also reports who sent what.
         if let (Some(f), true, 0) = (&fetched, ctx.json, code)
             && let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body)
-            && let Some(obj) = v.as_object_mut()
         {
-            obj.insert("by_peer".into(), json!(f.by_peer));
-            obj.insert("fetched_bytes".into(), json!(f.by_peer.values().sum::<u64>()));
-            obj.insert("rerequested".into(), json!(f.rerequested));
+            add_fetch_report(&mut v, f);
             body = v.to_string().into_bytes();
             body.push(b'\n');
         }
@@ -805,16 +818,66 @@ fn through_daemon(
     })
 }
 
-/// Fetches an object through the daemon's mesh, drawing progress.
+/// `get --json` through the mesh also reports who sent what.
+fn add_fetch_report(v: &mut serde_json::Value, f: &daemon::FetchUpdate) {
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("by_peer".into(), json!(f.by_peer));
+        obj.insert("fetched_bytes".into(), json!(f.by_peer.values().sum::<u64>()));
+        obj.insert("rerequested".into(), json!(f.rerequested));
+    }
+}
+
+/// Prints what `get` wrote (and, from a fetch, who sent what); returns the printed bytes.
+fn print_get(
+    ctx: &Ctx,
+    report: &restore::GetReport,
+    out: &std::path::Path,
+    fetched: Option<&daemon::FetchUpdate>,
+) -> Vec<u8> {
+    let mut value = serde_json::to_value(report).expect("report serialises");
+    if let Some(f) = fetched {
+        add_fetch_report(&mut value, f);
+    }
+    let text = if ctx.json {
+        value.to_string()
+    } else {
+        let mut s =
+            format!("{} -> {}: {} written", report.root, out.display(), iec(report.bytes_written));
+        if report.hole_bytes > 0 {
+            s.push_str(&format!(", {} of holes", iec(report.hole_bytes)));
+        }
+        if report.bytes_punched > 0 {
+            s.push_str(&format!(", {} punched", iec(report.bytes_punched)));
+        }
+        s
+    };
+    let mut body = Vec::new();
+    if !text.is_empty() {
+        body.extend_from_slice(text.as_bytes());
+        body.push(b'\n');
+        let mut stdout = ctx.stdout();
+        let _ = stdout.write_all(&body);
+        let _ = stdout.flush();
+    }
+    body
+}
+
+/// Fetches an object through the daemon's mesh, drawing progress; with `out`, the daemon
+/// writes a file or disk image there as it arrives (see [`crate::live`]).
 async fn fetch_through(
     ctx: &Ctx,
     client: &mut api::client::Client,
     cid: &str,
     timeout_s: u64,
+    out: Option<&std::path::Path>,
 ) -> Result<daemon::FetchUpdate, Failure> {
     parse_cid(cid)?;
+    let mut request = json!({"root": cid});
+    if let Some(out) = out {
+        request["out"] = json!(out.to_string_lossy());
+    }
     let resp = client
-        .call("POST", "/v1/fetch", Some(json!({"root": cid})))
+        .call("POST", "/v1/fetch", Some(request))
         .await
         .map_err(|e| Failure::new(EXIT_FAILURE, e))?;
     if !resp.status().is_success() {
@@ -1067,18 +1130,7 @@ fn get(
     if to_stdout && !ctx.json {
         return Ok(());
     }
-    let value = serde_json::to_value(&report).expect("report serialises");
-    ctx.print(value, || {
-        let mut s =
-            format!("{} -> {}: {} written", report.root, out.display(), iec(report.bytes_written));
-        if report.hole_bytes > 0 {
-            s.push_str(&format!(", {} of holes", iec(report.hole_bytes)));
-        }
-        if report.bytes_punched > 0 {
-            s.push_str(&format!(", {} punched", iec(report.bytes_punched)));
-        }
-        s
-    });
+    print_get(ctx, &report, &out, None);
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, ping};
-use mycel_chunker::Cid;
+use mycel_chunker::{Cid, Codec};
 use mycel_proto::Timestamp;
 use mycel_proto::announce::{Announcer, Directory, Holdings};
 use mycel_proto::fetch::{self, Action, Fetch, Local};
@@ -25,10 +25,12 @@ use tokio::sync::{mpsc, oneshot};
 use crate::cluster::raftlog::RedbLog;
 use crate::cluster::{self, ClusterFrame, Proposals, TokenText};
 use crate::datadir::{DataDir, NodeConfig};
+use crate::live::{self, LiveOutput};
 use crate::metrics::Metrics;
 use crate::net::exchange::{self, NetEvent, PeerLink, ServeCtx};
 use crate::net::limit::Limiter;
 use crate::net::{self, Behaviour, BehaviourEvent};
+use crate::restore::GetReport;
 use crate::store::{RootRecord, Store};
 use mycel_consensus::command::{Command as CCommand, Member, Role};
 use mycel_consensus::state::{ClusterState, Outcome};
@@ -74,6 +76,10 @@ pub struct FetchUpdate {
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// With `complete`: the output the daemon wrote while fetching (asked for with `out`;
+    /// absent if it was not, and the requester restores the object itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<GetReport>,
 }
 
 /// Requests from the admin API to the loop.
@@ -93,6 +99,8 @@ pub enum Command {
         root: Cid,
         /// Updates until `complete` or `failed`.
         updates: mpsc::Sender<FetchUpdate>,
+        /// Write the object here while fetching it (an absolute path; files and disk images).
+        out: Option<std::path::PathBuf>,
     },
     /// Re-read `[cluster] members` from the config.
     ReloadMembers(oneshot::Sender<Result<usize, String>>),
@@ -136,6 +144,8 @@ enum StoreJob {
     Block {
         cid: Cid,
         bytes: Vec<u8>,
+        /// Where a requester's output wants the chunk, written once it is stored.
+        place: Option<live::Placement>,
     },
     Root {
         root: Cid,
@@ -162,6 +172,8 @@ struct Job {
     keep: bool,
     /// The namespace a holder said it serves the root under (recorded once).
     namespace: Option<String>,
+    /// A requester's output, written while the object arrives.
+    output: Option<LiveOutput>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -812,7 +824,12 @@ impl Daemon {
             Command::ReloadMembers(reply) => {
                 let _ = reply.send(self.reload_members());
             }
-            Command::Fetch { root, updates } => self.start_fetch(root, Some(updates)),
+            Command::Fetch { root, updates, out } => {
+                self.start_fetch(root, Some(updates));
+                if let Some(out) = out {
+                    self.stream_output(root, &out);
+                }
+            }
             Command::ClusterInit(reply) => self.cluster_init(reply),
             Command::Propose(commands, reply) => self.propose(commands, reply),
             Command::ClusterView(reply) => {
@@ -930,6 +947,7 @@ impl Daemon {
                 rerequested: 0,
                 state: "complete".into(),
                 error: None,
+                output: None,
             });
             return;
         }
@@ -955,11 +973,26 @@ impl Daemon {
             }
         }
         let waiters = updates.into_iter().collect();
-        self.jobs.insert(root, Job { fetch: f, waiters, storing: false, keep, namespace: None });
+        let job = Job { fetch: f, waiters, storing: false, keep, namespace: None, output: None };
+        self.jobs.insert(root, job);
         self.metrics.fetches_active.set(self.jobs.len() as i64);
         let peers: Vec<PeerId> = self.connected.keys().copied().collect();
         for p in peers {
             self.send_who_has(p, root);
+        }
+    }
+
+    /// A requester asked for `root` at `out`: unless another fetch of it is writing an
+    /// output already (or the fetch is done or nearly so), write it while it arrives.
+    fn stream_output(&mut self, root: Cid, out: &std::path::Path) {
+        let Some(job) = self.jobs.get_mut(&root) else { return };
+        if job.output.is_some() {
+            return;
+        }
+        match LiveOutput::create(root, out) {
+            Ok(o) => job.output = Some(o),
+            // The restore after the fetch reports it, as it would without a daemon.
+            Err(e) => tracing::debug!(%root, "not streaming the output: {e}"),
         }
     }
 
@@ -1282,6 +1315,7 @@ impl Daemon {
             rerequested: p.rerequested,
             state: state.into(),
             error,
+            output: None,
         }
     }
 
@@ -1302,10 +1336,29 @@ impl Daemon {
                 }
             }
             StoreDone::Complete(root) => {
-                if let Some(job) = self.jobs.remove(&root) {
-                    let update = self.update_of(&job, "complete", None);
-                    for w in &job.waiters {
-                        let _ = w.try_send(update.clone());
+                if let Some(mut job) = self.jobs.remove(&root) {
+                    let mut update = self.update_of(&job, "complete", None);
+                    match job.output.take() {
+                        None => {
+                            for w in &job.waiters {
+                                let _ = w.try_send(update.clone());
+                            }
+                        }
+                        // The rest of the output is written off the loop; the requesters
+                        // hear of completion once it is in place.
+                        Some(output) => {
+                            let store = self.store.clone();
+                            let waiters = job.waiters;
+                            tokio::task::spawn_blocking(move || {
+                                update.output = output.finish(&store).unwrap_or_else(|e| {
+                                    tracing::warn!(%root, "writing the output: {e}");
+                                    None
+                                });
+                                for w in &waiters {
+                                    let _ = w.blocking_send(update.clone());
+                                }
+                            });
+                        }
                     }
                 }
                 self.announcer.announce_soon(self.ts());
@@ -1445,7 +1498,14 @@ impl Daemon {
             Action::Lookup { cid, need_bytes } => {
                 let local = if need_bytes {
                     match self.store.get(&cid) {
-                        Ok(Some(b)) => Local::Bytes(b),
+                        Ok(Some(b)) => {
+                            if let Some(o) =
+                                self.jobs.get_mut(&root).and_then(|j| j.output.as_mut())
+                            {
+                                o.on_manifest(&cid, &b);
+                            }
+                            Local::Bytes(b)
+                        }
                         _ => Local::Absent,
                     }
                 } else {
@@ -1477,7 +1537,16 @@ impl Daemon {
                 }
             }
             Action::Store { cid, bytes, .. } => {
-                let job = StoreJob::Block { cid, bytes };
+                let output = self.jobs.get_mut(&root).and_then(|j| j.output.as_mut());
+                let place = match output {
+                    Some(o) if cid.codec() == Codec::Raw => o.take_placement(&cid),
+                    Some(o) => {
+                        o.on_manifest(&cid, &bytes);
+                        None
+                    }
+                    None => None,
+                };
+                let job = StoreJob::Block { cid, bytes, place };
                 // Backpressure: the store thread is the one place blocks become durable.
                 if let Err(std_mpsc::TrySendError::Full(job)) = self.store_tx.try_send(job) {
                     let tx = self.store_tx.clone();
@@ -1620,10 +1689,13 @@ fn store_worker(store: &Store, rx: &std_mpsc::Receiver<StoreJob>, done: &mpsc::S
         let mut finished: Vec<Cid> = Vec::new();
         while let Some(j) = job.take() {
             match j {
-                StoreJob::Block { cid, bytes: b } => {
+                StoreJob::Block { cid, bytes: b, place } => {
                     bytes += b.len() as u64;
                     if let Err(e) = w.put(cid, &b) {
                         let _ = done.blocking_send(StoreDone::Error(e.to_string()));
+                    }
+                    if let Some(place) = place {
+                        place.write(cid, &b);
                     }
                 }
                 StoreJob::Root { root, record } => {
@@ -2387,7 +2459,7 @@ impl Daemon {
                 COutput::StoreBlocks(blocks) => {
                     let root = blocks.last().map(|b| b.0);
                     for (cid, bytes) in blocks {
-                        let _ = self.store_tx.send(StoreJob::Block { cid, bytes });
+                        let _ = self.store_tx.send(StoreJob::Block { cid, bytes, place: None });
                     }
                     if let Some(root) = root {
                         let record = RootRecord {

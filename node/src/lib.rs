@@ -26,6 +26,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod datadir;
 pub mod ingest;
+pub mod live;
 pub mod metrics;
 pub mod net;
 pub mod objects;

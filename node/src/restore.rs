@@ -72,7 +72,7 @@ pub struct GetOptions {
 }
 
 /// The outcome of a get.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GetReport {
     /// The root.
     pub root: String,
@@ -183,10 +183,8 @@ pub fn get(
             let tmp = temp_path(out);
             let result = (|| {
                 let file = create_new(&tmp)?;
-                write_tree(store, &root, &file, &tmp, &mut report, progress)?;
-                file.sync_all().map_err(out_err(&tmp))?;
-                fs::rename(&tmp, out).map_err(out_err(out))?;
-                sync_parent(out)
+                write_tree(store, &root, &file, &tmp, &mut report, progress, &|_, _| false)?;
+                sync_and_rename(&file, &tmp, out)
             })();
             if result.is_err() {
                 let _ = fs::remove_file(&tmp);
@@ -251,13 +249,15 @@ fn collect(store: &Store, root: &Root, len_max: u64) -> Result<Vec<u8>, GetError
     Ok(out)
 }
 
-fn temp_path(out: &Path) -> PathBuf {
+/// The temporary name beside `out` that a restore writes before renaming.
+pub(crate) fn temp_path(out: &Path) -> PathBuf {
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     dir.join(format!(".{name}.mycel-tmp.{}", std::process::id()))
 }
 
-fn create_new(path: &Path) -> Result<File, GetError> {
+/// Creates `path`, which must not exist.
+pub(crate) fn create_new(path: &Path) -> Result<File, GetError> {
     OpenOptions::new().write(true).create_new(true).open(path).map_err(out_err(path))
 }
 
@@ -266,14 +266,19 @@ fn sync_parent(path: &Path) -> Result<(), GetError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(out_err(dir))
 }
 
+/// Syncs the written temporary file `tmp`, renames it to `out` and syncs the directory.
+pub(crate) fn sync_and_rename(file: &File, tmp: &Path, out: &Path) -> Result<(), GetError> {
+    file.sync_all().map_err(out_err(tmp))?;
+    fs::rename(tmp, out).map_err(out_err(out))?;
+    sync_parent(out)
+}
+
 fn write_bytes_atomically(out: &Path, bytes: &[u8]) -> Result<(), GetError> {
     let tmp = temp_path(out);
     let result = (|| {
         let file = create_new(&tmp)?;
         file.write_all_at(bytes, 0).map_err(out_err(&tmp))?;
-        file.sync_all().map_err(out_err(&tmp))?;
-        fs::rename(&tmp, out).map_err(out_err(out))?;
-        sync_parent(out)
+        sync_and_rename(&file, &tmp, out)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -281,18 +286,24 @@ fn write_bytes_atomically(out: &Path, bytes: &[u8]) -> Result<(), GetError> {
     result
 }
 
-/// Writes a file or image tree into a fresh file; holes are left unwritten.
-fn write_tree(
+/// Writes a file or image tree into a fresh file; holes are left unwritten, and so are the
+/// chunks `written(offset, cid)` says are there already.
+pub(crate) fn write_tree(
     store: &Store,
     root: &Root,
     file: &File,
     path: &Path,
     report: &mut GetReport,
     progress: &Progress,
+    written: &dyn Fn(u64, &Cid) -> bool,
 ) -> Result<(), GetError> {
     let mut offset = 0u64;
     for entry in Leaves::new(store, root.kind, root.tree, root.len) {
         match entry? {
+            NodeEntry::Chunk { cid, len } if written(offset, &cid) => {
+                report.bytes_written += len;
+                offset += len;
+            }
             NodeEntry::Chunk { cid, len } => {
                 let bytes = store.get(&cid)?.ok_or(GetError::Missing(cid))?;
                 if bytes.len() as u64 != len {
@@ -471,7 +482,7 @@ fn restore_dir(
                 let file = create_new(&path)?;
                 let root =
                     Root { kind: Kind::File, config: Default::default(), len: d.len, tree: d.cid };
-                write_tree(store, &root, &file, &path, report, progress)?;
+                write_tree(store, &root, &file, &path, report, progress, &|_, _| false)?;
                 file.sync_all().map_err(out_err(&path))?;
                 fs::set_permissions(&path, fs::Permissions::from_mode(d.mode))
                     .map_err(out_err(&path))?;

@@ -129,6 +129,29 @@ impl Frame {
         out
     }
 
+    /// The start of a [`Frame::Block`] on the wire, length prefix included, up to its bytes:
+    /// followed by the `len` bytes it is exactly [`Frame::encode`] of the block, so a server
+    /// writes the bytes from where they lie without copying them into a frame.
+    ///
+    /// # Panics
+    /// If `len` exceeds [`NODE_BYTES_MAX`] (no block is larger).
+    pub fn block_header(req: u64, cid: &CidBytes, len: usize) -> Vec<u8> {
+        assert!(len <= NODE_BYTES_MAX, "block of {len} bytes");
+        let empty = Frame::Block { req, cid: *cid, bytes: Vec::new() };
+        let mut body = codec::encode_limited::<_, FRAME_BYTES_MAX>(FRAME_VERSION, &empty);
+        // The bytes come last, as their length (a varint: 0 is one zero byte) and the bytes.
+        assert_eq!(body.pop(), Some(0), "a block's bytes are its last field");
+        let varint = bincode::encode_to_vec(len as u64, bincode::config::standard())
+            .expect("a length encodes");
+        body.extend_from_slice(&varint);
+        let total = body.len() + len;
+        assert!(total <= FRAME_BYTES_MAX, "frame of {total} bytes");
+        let mut out = Vec::with_capacity(4 + body.len());
+        out.extend_from_slice(&(total as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
     /// Checks a length prefix before reading the body.
     ///
     /// # Errors
@@ -268,6 +291,14 @@ mod tests {
             let len = Frame::check_len(bytes[..4].try_into().unwrap()).unwrap();
             assert_eq!(len, bytes.len() - 4);
             assert_eq!(Frame::decode(&bytes[4..]).unwrap(), f);
+        }
+        // A block header and the bytes after it are the block frame, for any length
+        // (the length's varint takes 1, 3 or 5 bytes).
+        for len in [0, 1, 250, 251, 65_535, 65_536, NODE_BYTES_MAX] {
+            let block = Frame::Block { req: u64::MAX - 1, cid: c, bytes: vec![9; len] };
+            let mut wire = Frame::block_header(u64::MAX - 1, &c, len);
+            wire.extend_from_slice(&vec![9; len]);
+            assert_eq!(wire, block.encode(), "len {len}");
         }
         assert!(Frame::check_len((FRAME_BYTES_MAX as u32 + 1).to_le_bytes()).is_err());
         assert!(Frame::check_len([0; 4]).is_err());

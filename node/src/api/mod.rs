@@ -7,7 +7,7 @@
 //! | `GET /readyz` | listening on the network (503 until then) |
 //! | `GET /metrics` | Prometheus text (mycel's and libp2p's metrics) |
 //! | `GET /v1/id`, `/v1/status`, `/v1/peers` | JSON |
-//! | `POST /v1/fetch` `{"root"}` | NDJSON progress lines until `complete` or `failed` |
+//! | `POST /v1/fetch` `{"root", "out"?}` | NDJSON progress lines until `complete` or `failed`; with `out` (an absolute path) the daemon writes a file or disk image there while fetching it, and the last line's `output` reports it |
 //! | `POST /v1/members/reload` | re-read `[cluster] members` |
 //! | `POST /v1/cli` `{"args"}` | run a store command of the CLI inside the daemon (which holds the store) |
 //! | `/v1/topology/...` | topology files (`topology.rs` lists the routes) |
@@ -217,6 +217,8 @@ async fn reload(State(state): State<AppState>) -> Response {
 #[derive(Deserialize)]
 struct FetchBody {
     root: String,
+    #[serde(default)]
+    out: Option<String>,
 }
 
 async fn fetch(State(state): State<AppState>, axum::Json(body): axum::Json<FetchBody>) -> Response {
@@ -226,8 +228,13 @@ async fn fetch(State(state): State<AppState>, axum::Json(body): axum::Json<Fetch
             return (StatusCode::BAD_REQUEST, format!("{:?}: {e}\n", body.root)).into_response();
         }
     };
+    let out = body.out.map(PathBuf::from);
+    if let Some(out) = out.as_ref().filter(|o| !o.is_absolute()) {
+        let why = format!("out {:?} is not an absolute path\n", out.display().to_string());
+        return (StatusCode::BAD_REQUEST, why).into_response();
+    }
     let (tx, rx) = mpsc::channel::<FetchUpdate>(64);
-    if state.cmd.send(Command::Fetch { root, updates: tx }).await.is_err() {
+    if state.cmd.send(Command::Fetch { root, updates: tx, out }).await.is_err() {
         return unavailable();
     }
     let stream = futures::stream::unfold((rx, false), |(mut rx, done)| async move {

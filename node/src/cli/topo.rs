@@ -182,7 +182,7 @@ fn ensure_local(ctx: &Ctx, cid: &str) -> Result<(), Failure> {
         let mut client = api::client::Client::connect(&socket).await.ok_or_else(|| {
             Failure::new(EXIT_NO_DAEMON, "no daemon is running (start one with `mycel run`)")
         })?;
-        fetch_through(ctx, &mut client, cid, 60).await.map(|_| ())
+        fetch_through(ctx, &mut client, cid, 60, None).await.map(|_| ())
     })
 }
 

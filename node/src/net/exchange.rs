@@ -18,7 +18,7 @@ use super::EXCHANGE;
 use super::limit::Limiter;
 use crate::access::Access;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Batch, Store, StoreError};
 
 /// Reads one frame; `Ok(None)` at a clean end of stream.
 ///
@@ -74,120 +74,229 @@ pub struct ServeCtx {
     pub corrupt: bool,
 }
 
-/// Serves one inbound stream until it ends or misbehaves.
-pub async fn serve(mut stream: Stream, peer: PeerId, ctx: ServeCtx) {
-    let mut buf = Vec::new();
-    loop {
-        let frame = match read_frame_into(&mut stream, &mut buf).await {
-            Ok(Some(f)) => f,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::debug!(%peer, "closing exchange stream: {e}");
-                ctx.metrics.bad_frames.inc();
+/// Want lists whose blocks are read from the store while earlier answers are written.
+const READ_AHEAD: usize = 1;
+
+/// What the writing half of a serving stream sends next, in request order.
+enum Reply {
+    /// A frame as it is.
+    Frame(Frame),
+    /// The blocks of a want list, being read from the store.
+    Want(PreparedWant),
+}
+
+/// A want list cleared to be answered, its first blocks being read.
+struct PreparedWant {
+    req: u64,
+    root: Cid,
+    /// The namespace the root was added under here.
+    local: Option<String>,
+    /// The CIDs asked for, in order (`None`: malformed, answered `DontHave`).
+    cids: Vec<(wire::CidBytes, Option<Cid>)>,
+    /// The well-formed CIDs, in order: what the reads cover.
+    valid: Arc<Vec<Cid>>,
+    /// The read of the first batch.
+    first: Option<Read>,
+}
+
+/// A batch read on a blocking thread: the blocks of `valid[from..]` it covers.
+type Read = tokio::task::JoinHandle<Result<Batch, StoreError>>;
+
+fn start_read(store: &Arc<Store>, valid: &Arc<Vec<Cid>>, from: usize) -> Option<Read> {
+    (from < valid.len()).then(|| {
+        let (store, valid) = (store.clone(), valid.clone());
+        tokio::task::spawn_blocking(move || store.read_batch(&valid[from..]))
+    })
+}
+
+/// Serves one inbound stream until it ends or misbehaves. Requests are read as they come;
+/// the blocks of the next want list are read from the store (on a blocking thread) while the
+/// answer to the one before is written, so the disk and the network work at once.
+pub async fn serve(stream: Stream, peer: PeerId, ctx: ServeCtx) {
+    let (mut rd, mut wr) = stream.split();
+    let (tx, mut rx) = mpsc::channel::<Reply>(READ_AHEAD);
+    let reading = async {
+        let mut buf = Vec::new();
+        loop {
+            let frame = match read_frame_into(&mut rd, &mut buf).await {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(%peer, "closing exchange stream: {e}");
+                    ctx.metrics.bad_frames.inc();
+                    return;
+                }
+            };
+            let Some(reply) = prepare(frame, peer, &ctx) else { return };
+            for r in reply {
+                if tx.send(r).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    let writing = async {
+        while let Some(reply) = rx.recv().await {
+            let result = match reply {
+                Reply::Frame(f) => write_frame(&mut wr, &f).await,
+                Reply::Want(w) => serve_want(&mut wr, peer, w, &ctx).await,
+            };
+            // Flush once nothing more is ready: a burst of answers leaves together.
+            let result = match result {
+                Ok(()) if rx.is_empty() => wr.flush().await,
+                r => r,
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, "exchange stream write failed: {e}");
                 return;
             }
-        };
-        let member = ctx.members.read().expect("members lock").contains(&peer);
-        let result = match frame {
-            _ if !member => {
-                let req = match frame {
-                    Frame::Want { req, .. } | Frame::WhoHas { req, .. } => req,
-                    _ => 0,
-                };
-                write_frame(&mut stream, &Frame::Refused { req, reason: "not a member".into() })
-                    .await
+        }
+    };
+    tokio::pin!(reading, writing);
+    tokio::select! {
+        () = &mut writing => {}
+        // No more requests: answer those already read, then stop.
+        () = &mut reading => writing.await,
+    }
+}
+
+/// The answers to one request, in order; `None` ends the stream (a frame no client sends).
+fn prepare(frame: Frame, peer: PeerId, ctx: &ServeCtx) -> Option<Vec<Reply>> {
+    let member = ctx.members.read().expect("members lock").contains(&peer);
+    let refuse = |req, reason: String| Some(vec![Reply::Frame(Frame::Refused { req, reason })]);
+    match frame {
+        Frame::Want { req, .. } | Frame::WhoHas { req, .. } if !member => {
+            refuse(req, "not a member".into())
+        }
+        _ if !member => refuse(0, "not a member".into()),
+        Frame::Want { req, root, cids } => {
+            let Ok(root) = wire::cid(&root) else { return refuse(req, "malformed root".into()) };
+            // The namespace the root was added under here, which governs it until a pin
+            // commits. Unreadable, the answer is no rather than the default namespace.
+            let local = match ctx.store.local_namespace(&root) {
+                Ok(ns) => ns,
+                Err(e) => {
+                    return refuse(req, format!("this node cannot tell who may read {root}: {e}"));
+                }
+            };
+            let mut replies = Vec::new();
+            // Not `default`: the fetcher learns it, so its copy is served under it too.
+            let ns = ctx
+                .access
+                .read()
+                .expect("access lock")
+                .namespace(&root, local.as_deref())
+                .to_owned();
+            if ns != mycel_policy::access::DEFAULT_NAMESPACE {
+                let frame = Frame::Namespace { req, root: root.to_bytes(), namespace: ns };
+                replies.push(Reply::Frame(frame));
             }
-            Frame::Want { req, root, cids } => {
-                serve_want(&mut stream, peer, req, &root, &cids, &ctx).await
-            }
-            Frame::WhoHas { req, root } => {
-                let answer = match wire::cid(&root) {
-                    Ok(cid) => match (ctx.store.root(&cid), ctx.store.has(&cid)) {
-                        (Ok(Some(_)), _) => Frame::Holding { req, root, complete: true },
-                        (_, Ok(true)) => Frame::Holding { req, root, complete: false },
-                        _ => Frame::DontHave { req, cid: root },
-                    },
-                    Err(_) => Frame::DontHave { req, cid: root },
-                };
-                write_frame(&mut stream, &answer).await
-            }
-            other => {
-                tracing::debug!(%peer, "unexpected frame {other:?} on a serving stream");
-                ctx.metrics.bad_frames.inc();
-                return;
-            }
-        };
-        if let Err(e) = result {
-            tracing::debug!(%peer, "exchange stream write failed: {e}");
-            return;
+            let cids: Vec<_> = cids.into_iter().map(|c| (c, wire::cid(&c).ok())).collect();
+            let valid = Arc::new(cids.iter().filter_map(|(_, c)| *c).collect::<Vec<_>>());
+            let first = start_read(&ctx.store, &valid, 0);
+            replies.push(Reply::Want(PreparedWant { req, root, local, cids, valid, first }));
+            Some(replies)
+        }
+        Frame::WhoHas { req, root } => {
+            let answer = match wire::cid(&root) {
+                Ok(cid) => match (ctx.store.root(&cid), ctx.store.has(&cid)) {
+                    (Ok(Some(_)), _) => Frame::Holding { req, root, complete: true },
+                    (_, Ok(true)) => Frame::Holding { req, root, complete: false },
+                    _ => Frame::DontHave { req, cid: root },
+                },
+                Err(_) => Frame::DontHave { req, cid: root },
+            };
+            Some(vec![Reply::Frame(answer)])
+        }
+        other => {
+            tracing::debug!(%peer, "unexpected frame {other:?} on a serving stream");
+            ctx.metrics.bad_frames.inc();
+            None
         }
     }
 }
 
-async fn serve_want(
-    stream: &mut Stream,
+/// Writes the answers to one want list: each block from the batch read for it (the next
+/// batch read meanwhile), `DontHave` for what is not served, and a refusal that ends the
+/// list when access is revoked on the way.
+async fn serve_want<W: futures::AsyncWrite + Unpin>(
+    w: &mut W,
     peer: PeerId,
-    req: u64,
-    root: &wire::CidBytes,
-    cids: &[wire::CidBytes],
+    want: PreparedWant,
     ctx: &ServeCtx,
 ) -> io::Result<()> {
-    let Ok(root) = wire::cid(root) else {
-        let reason = "malformed root".to_string();
-        return write_frame(stream, &Frame::Refused { req, reason }).await;
-    };
-    // The namespace the root was added under here, which governs it until a pin commits.
-    // Unreadable, the answer is no rather than the default namespace.
-    let local = match ctx.store.local_namespace(&root) {
-        Ok(ns) => ns,
-        Err(e) => {
-            let reason = format!("this node cannot tell who may read {root}: {e}");
-            write_frame(stream, &Frame::Refused { req, reason }).await?;
-            return stream.flush().await;
-        }
-    };
-    // Not `default`: the fetcher learns it, so its copy is served under it too.
-    let ns = ctx.access.read().expect("access lock").namespace(&root, local.as_deref()).to_owned();
-    if ns != mycel_policy::access::DEFAULT_NAMESPACE {
-        let root = root.to_bytes();
-        write_frame(stream, &Frame::Namespace { req, root, namespace: ns }).await?;
-    }
-    for c in cids {
+    let PreparedWant { req, root, local, cids, valid, first } = want;
+    let mut next = first;
+    let mut batch: Option<Batch> = None;
+    // Blocks of `valid` read so far, and the index into `batch` of the next one.
+    let (mut covered, mut at) = (0usize, 0usize);
+    for (c, cid) in cids {
         // Checked per block: a revocation committed while this want is served stops it.
         let access = ctx.access.read().expect("access lock").clone();
         if let Err(reason) = access.may_read(&peer, &root, local.as_deref()) {
             ctx.metrics.refused_requests.inc();
-            write_frame(stream, &Frame::Refused { req, reason }).await?;
-            return stream.flush().await;
+            return write_frame(w, &Frame::Refused { req, reason }).await;
         }
-        let cid = wire::cid(c).ok();
-        if let Some(cid) = cid
-            && !access.in_tree(&ctx.store, &root, &cid)
-        {
+        let Some(cid) = cid else {
+            write_frame(w, &Frame::DontHave { req, cid: c }).await?;
+            continue;
+        };
+        if !access.in_tree(&ctx.store, &root, &cid) {
             ctx.metrics.refused_requests.inc();
             let reason = format!("{cid} is not part of {root}");
-            write_frame(stream, &Frame::Refused { req, reason }).await?;
-            return stream.flush().await;
+            return write_frame(w, &Frame::Refused { req, reason }).await;
         }
-        let answer = match cid.map(|cid| (cid, ctx.store.get(&cid))) {
-            Some((cid, Ok(Some(mut bytes)))) => {
-                if ctx.corrupt && cid.codec() == Codec::Raw && !bytes.is_empty() {
-                    bytes[0] ^= 1;
+        if batch.as_ref().is_none_or(|b| at == b.len()) {
+            batch = None;
+            let read = match next.take() {
+                Some(r) => r.await.map_err(io::Error::other)?,
+                None => Err(StoreError::Index("nothing left to read".into())),
+            };
+            match read {
+                Ok(b) => {
+                    covered += b.len();
+                    next = start_read(&ctx.store, &valid, covered);
+                    batch = Some(b);
+                    at = 0;
                 }
+                // The index failed: say we lack this block (and the next one tries again).
+                Err(e) => {
+                    tracing::warn!("not serving {cid}: {e}");
+                    covered += 1;
+                    next = start_read(&ctx.store, &valid, covered);
+                    write_frame(w, &Frame::DontHave { req, cid: c }).await?;
+                    continue;
+                }
+            }
+        }
+        let b = batch.as_mut().expect("read above");
+        if ctx.corrupt
+            && cid.codec() == Codec::Raw
+            && let Some(bytes) = b.block_mut(at)
+            && !bytes.is_empty()
+        {
+            bytes[0] ^= 1;
+        }
+        let (read_cid, bytes) = b.block(at);
+        at += 1;
+        debug_assert_eq!(read_cid, cid);
+        match bytes {
+            Ok(bytes) => {
                 ctx.upload.take(bytes.len()).await;
                 ctx.metrics.bytes_sent.inc_by(bytes.len() as u64);
-                Frame::Block { req, cid: *c, bytes }
+                w.write_all(&Frame::block_header(req, &c, bytes.len())).await?;
+                w.write_all(bytes).await?;
             }
-            Some((cid, Err(e))) => {
+            Err(why) => {
                 // A corrupt stored block is never served: say we lack it.
-                tracing::warn!("not serving {cid}: {e}");
-                Frame::DontHave { req, cid: *c }
+                if let Some(why) = why {
+                    tracing::warn!("not serving {cid}: {why}");
+                }
+                write_frame(w, &Frame::DontHave { req, cid: c }).await?;
             }
-            _ => Frame::DontHave { req, cid: *c },
-        };
-        write_frame(stream, &answer).await?;
+        }
     }
-    stream.flush().await
+    Ok(())
 }
 
 /// Events from request streams to the daemon loop.

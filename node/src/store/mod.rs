@@ -10,6 +10,8 @@
 //! committed length and packs the index does not know are discarded: they belong to writes
 //! that never committed. Every block read back is checked against its CID.
 
+mod batch;
+pub use batch::{BATCH_BYTES, Batch};
 pub mod crash;
 pub mod pack;
 pub mod vfs;
@@ -145,6 +147,8 @@ pub struct GcReport {
 #[derive(Debug)]
 struct Packs {
     files: BTreeMap<u32, Arc<dyn VfsFile>>,
+    /// The same packs opened for direct reads ([`Store::read_batch`]).
+    direct: BTreeMap<u32, Arc<dyn VfsFile>>,
 }
 
 /// The chunk and manifest store.
@@ -161,6 +165,8 @@ pub struct Store {
     /// otherwise allocate and zero 8 MiB each time (a fetching node commits tens of times a
     /// second when blocks trickle in).
     stage_buffers: Mutex<Vec<AlignedBuf>>,
+    /// Buffers of [`Store::read_batch`], handed back when a batch is dropped.
+    read_buffers: Arc<Mutex<Vec<AlignedBuf>>>,
     _lock_file: Option<File>,
 }
 
@@ -212,10 +218,11 @@ impl Store {
             vfs,
             dir: dir.to_path_buf(),
             db,
-            packs: Mutex::new(Packs { files: BTreeMap::new() }),
+            packs: Mutex::new(Packs { files: BTreeMap::new(), direct: BTreeMap::new() }),
             writing: Mutex::new(false),
             writer_done: Condvar::new(),
             stage_buffers: Mutex::new(Vec::new()),
+            read_buffers: Arc::new(Mutex::new(Vec::new())),
             _lock_file: None,
         };
         store.init_tables()?;
@@ -303,6 +310,17 @@ impl Store {
 
     fn pack_path(&self, n: u32) -> PathBuf {
         self.dir.join("packs").join(pack::file_name(n))
+    }
+
+    /// Pack `n` opened for direct reads (page-cache bypassing where the filesystem allows).
+    fn direct_pack_file(&self, n: u32) -> Result<Arc<dyn VfsFile>, StoreError> {
+        let mut packs = self.lock_packs();
+        if let Some(f) = packs.direct.get(&n) {
+            return Ok(f.clone());
+        }
+        let file: Arc<dyn VfsFile> = Arc::from(self.vfs.open_direct(&self.pack_path(n), false)?);
+        packs.direct.insert(n, file.clone());
+        Ok(file)
     }
 
     fn pack_file(&self, n: u32) -> Result<Arc<dyn VfsFile>, StoreError> {
@@ -652,6 +670,7 @@ impl Store {
             let mut packs = self.lock_packs();
             for n in &rewrite {
                 packs.files.remove(n);
+                packs.direct.remove(n);
             }
         }
         for n in &rewrite {
@@ -942,27 +961,34 @@ const WRITES_IN_FLIGHT: usize = 2;
 struct AlignedBuf {
     raw: Vec<u8>,
     base: usize,
+    len: usize,
 }
 
 impl AlignedBuf {
     fn new() -> AlignedBuf {
-        let raw = vec![0u8; STAGE_BYTES + STAGE_ALIGN];
+        AlignedBuf::with_len(STAGE_BYTES)
+    }
+
+    /// `len` bytes (a multiple of [`STAGE_ALIGN`]) of aligned memory.
+    fn with_len(len: usize) -> AlignedBuf {
+        debug_assert!(len.is_multiple_of(STAGE_ALIGN));
+        let raw = vec![0u8; len + STAGE_ALIGN];
         let base = raw.as_ptr().align_offset(STAGE_ALIGN);
         assert!(base < STAGE_ALIGN);
-        AlignedBuf { raw, base }
+        AlignedBuf { raw, base, len }
     }
 
     /// A placeholder for a buffer handed back ([`Stage::take_buffers`]); never written.
     fn empty() -> AlignedBuf {
-        AlignedBuf { raw: Vec::new(), base: 0 }
+        AlignedBuf { raw: Vec::new(), base: 0, len: 0 }
     }
 
     fn bytes(&self) -> &[u8] {
-        &self.raw[self.base..self.base + STAGE_BYTES]
+        &self.raw[self.base..self.base + self.len]
     }
 
     fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.raw[self.base..self.base + STAGE_BYTES]
+        &mut self.raw[self.base..self.base + self.len]
     }
 }
 

@@ -83,6 +83,57 @@ fn corrupt_bytes_are_never_returned() {
 }
 
 #[test]
+fn batches_read_neighbours_together_and_never_return_bad_bytes() {
+    // A batch covers the CIDs asked for in order: stored blocks with their bytes (also when
+    // asked out of pack order, or twice), absent ones marked, a corrupted one refused alone;
+    // it stops before its buffer would overflow, and the next batch carries on.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let blocks: Vec<_> = (0..40u64).map(|i| block(100 + i, 1000 + 26_000 * i as usize)).collect();
+    let mut w = store.writer().unwrap();
+    for (cid, bytes) in &blocks {
+        w.put(*cid, bytes).unwrap();
+    }
+    w.commit().unwrap();
+    drop(w);
+    let bad = blocks[5].0;
+    let loc = store.locate(&bad).unwrap().unwrap();
+    let path = dir.path().join("packs").join(pack::file_name(loc.pack));
+    let mut raw = std::fs::read(&path).unwrap();
+    raw[loc.offset as usize + 3] ^= 1;
+    std::fs::write(&path, raw).unwrap();
+    let absent = Cid::raw(b"absent");
+    let mut ask: Vec<Cid> = vec![blocks[3].0, absent, blocks[1].0, blocks[2].0, blocks[2].0];
+    ask.extend(blocks[4..].iter().map(|b| b.0));
+    let mut seen = 0;
+    let mut batches = 0;
+    while seen < ask.len() {
+        let batch = store.read_batch(&ask[seen..]).unwrap();
+        assert!(!batch.is_empty());
+        batches += 1;
+        for i in 0..batch.len() {
+            let (cid, got) = batch.block(i);
+            assert_eq!(cid, ask[seen + i]);
+            match got {
+                Ok(bytes) => {
+                    let want = &blocks.iter().find(|b| b.0 == cid).unwrap().1;
+                    assert_eq!(bytes, want.as_slice());
+                }
+                Err(None) => assert_eq!(cid, absent),
+                Err(Some(why)) => {
+                    assert_eq!(cid, bad);
+                    assert!(why.contains("mismatch"), "{why}");
+                }
+            }
+        }
+        seen += batch.len();
+    }
+    // 40 blocks of 1 KB to 1 MB are about 20 MB: more than one batch, and each nearly full.
+    let total: usize = blocks.iter().map(|b| b.1.len()).sum();
+    assert!(batches > 1 && batches <= total / (BATCH_BYTES / 2) + 1, "{batches} batches");
+}
+
+#[test]
 fn gc_removes_unreachable_blocks_and_keeps_rooted_ones() {
     // Blocks under a root survive GC; orphans go, and a mostly-dead pack is rewritten.
     let dir = tempfile::tempdir().unwrap();

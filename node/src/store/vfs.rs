@@ -66,6 +66,16 @@ pub trait VfsFile: Debug + Send + Sync + 'static {
     /// # Errors
     /// The IO error.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Reads from `offset` until `buf` is full or the file ends; how many bytes it read.
+    ///
+    /// # Errors
+    /// The IO error.
+    fn read_upto(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let end = self.len()?.min(offset.saturating_add(buf.len() as u64));
+        let n = usize::try_from(end.saturating_sub(offset)).map_err(io::Error::other)?;
+        self.read_at(&mut buf[..n], offset)?;
+        Ok(n)
+    }
     /// Current length.
     ///
     /// # Errors
@@ -152,6 +162,20 @@ impl VfsFile for OsFile {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.0.write_all_at(buf, offset)
+    }
+
+    fn read_upto(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        // Direct reads of aligned pieces stop short only at the end of the file.
+        let mut done = 0;
+        while done < buf.len() {
+            match self.0.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
     }
 
     fn len(&self) -> io::Result<u64> {

@@ -122,6 +122,8 @@ fn failover_after_kill_and_resume_after_restart() -> Result<()> {
     let result = getter.wait_with_output()?;
     assert_eq!(result.status.code(), Some(0), "{}", String::from_utf8_lossy(&result.stderr));
     assert_eq!(file_hash(&out)?, file_hash(&src)?);
+    // The daemon wrote the output while fetching, and left no temporary file behind.
+    assert_eq!(temp_files(tmp.path())?, Vec::<String>::new());
     let report: serde_json::Value = serde_json::from_slice(&result.stdout)?;
     let window_blocks = 128u64; // the daemon's fetch window_max
     assert!(report["rerequested"].as_u64().unwrap_or(u64::MAX) <= 2 * window_blocks, "{report}");
@@ -148,7 +150,21 @@ fn failover_after_kill_and_resume_after_restart() -> Result<()> {
     let allowance = (32 << 20) + window_blocks * (256 << 10);
     assert!(fetched <= size - half.0 + allowance, "second get fetched {fetched} after {half:?}");
     assert!(fetched < size, "the restart fetched everything again");
+    // Only the daemon killed with -9 leaves its temporary output behind.
+    assert!(temp_files(tmp.path())?.len() <= 1, "{:?}", temp_files(tmp.path())?);
     Ok(())
+}
+
+/// Temporary outputs (`.NAME.mycel-tmp...`) in `dir`.
+fn temp_files(dir: &std::path::Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if name.contains("mycel-tmp") {
+            out.push(name);
+        }
+    }
+    Ok(out)
 }
 
 #[test]

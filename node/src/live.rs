@@ -122,6 +122,9 @@ impl LiveOutput {
                 self.off = true;
                 return;
             }
+            if root.kind == Kind::File && root.len > 0 {
+                self.reserve(root.len);
+            }
             match root.tree {
                 Some(t) if t.codec() == Codec::Raw => self.place_chunk(t, 0),
                 Some(t) => self.nodes.entry(t).or_default().push(0),
@@ -143,6 +146,26 @@ impl LiveOutput {
                 }
                 off += entry.len();
             }
+        }
+    }
+
+    /// Reserves a file's space on a thread of its own (disk images stay sparse): a full
+    /// disk shows before the transfer rather than at its end, and the pages exist before
+    /// the chunks are written into them. A failure only means the writes allocate.
+    fn reserve(&self, len: u64) {
+        let out = self.out.clone();
+        let spawned = std::thread::Builder::new().name("mycel-reserve".into()).spawn(move || {
+            use std::os::fd::AsRawFd;
+            let len = libc::off_t::try_from(len).unwrap_or(libc::off_t::MAX);
+            // SAFETY: fallocate on a descriptor the Arc keeps open; no memory is involved.
+            let rc = unsafe { libc::fallocate(out.file.as_raw_fd(), 0, 0, len) };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                tracing::debug!("reserving {len} bytes for an output: {e}");
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::debug!("reserving space for an output: {e}");
         }
     }
 

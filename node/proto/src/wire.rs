@@ -17,6 +17,9 @@ pub const FRAME_BYTES_MAX: usize = NODE_BYTES_MAX + 4096;
 pub const WANT_CIDS_MAX: usize = 256;
 /// Longest reason text in a refusal.
 pub const REASON_BYTES_MAX: usize = 256;
+/// Longest [`Frame::Block`] header after the length prefix: version, variant, request id,
+/// CID, byte count (see [`Frame::parse_block_header`]).
+pub const BLOCK_HEADER_MAX: usize = 1 + 1 + 9 + Cid::BYTES + 9;
 /// Largest announcement.
 pub const ANNOUNCE_BYTES_MAX: usize = 64 * 1024;
 /// Complete roots per announcement page.
@@ -150,6 +153,52 @@ impl Frame {
         out.extend_from_slice(&(total as u32).to_le_bytes());
         out.extend_from_slice(&body);
         out
+    }
+
+    /// Reads the start of a frame body (after its length prefix; `head` is its first up to
+    /// [`BLOCK_HEADER_MAX`] bytes, `frame_len` the prefix's value): if it begins a
+    /// [`Frame::Block`] encoded exactly as [`Frame::block_header`] writes it, with a length
+    /// that ends the block where the frame ends and within the block limit, returns the
+    /// request id, the CID, the header's length and the block's length. A receiver then
+    /// reads the block's bytes straight into their own buffer. `None` for anything else,
+    /// which the caller decodes whole with [`Frame::decode`] (so the same frames are
+    /// accepted either way).
+    pub fn parse_block_header(
+        head: &[u8],
+        frame_len: usize,
+    ) -> Option<(u64, CidBytes, usize, usize)> {
+        fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
+            let first = *b.get(*at)?;
+            let width = match first {
+                0..=250 => {
+                    *at += 1;
+                    return Some(u64::from(first));
+                }
+                251 => 2,
+                252 => 4,
+                253 => 8,
+                _ => return None,
+            };
+            let raw = b.get(*at + 1..*at + 1 + width)?;
+            *at += 1 + width;
+            let mut le = [0u8; 8];
+            le[..width].copy_from_slice(raw);
+            Some(u64::from_le_bytes(le))
+        }
+        // Version, then the variant index of `Block` (1, one varint byte).
+        if head.first() != Some(&FRAME_VERSION) || head.get(1) != Some(&1) {
+            return None;
+        }
+        let mut at = 2;
+        let req = varint(head, &mut at)?;
+        let cid: CidBytes = head.get(at..at + Cid::BYTES)?.try_into().ok()?;
+        at += Cid::BYTES;
+        let len = usize::try_from(varint(head, &mut at)?).ok()?;
+        if len > NODE_BYTES_MAX || at.checked_add(len)? != frame_len {
+            return None;
+        }
+        // Only the canonical encoding (what the encoder writes, and decode accepts).
+        (Frame::block_header(req, &cid, len)[4..] == head[..at]).then_some((req, cid, at, len))
     }
 
     /// Checks a length prefix before reading the body.
@@ -299,7 +348,24 @@ mod tests {
             let mut wire = Frame::block_header(u64::MAX - 1, &c, len);
             wire.extend_from_slice(&vec![9; len]);
             assert_eq!(wire, block.encode(), "len {len}");
+            // Its start parses back, for every cut of the head a reader may have.
+            let body = &wire[4..];
+            let head = &body[..body.len().min(BLOCK_HEADER_MAX)];
+            let (req, cid, at, n) = Frame::parse_block_header(head, body.len()).unwrap();
+            assert_eq!((req, cid, n), (u64::MAX - 1, c, len));
+            assert_eq!(Frame::decode(body).unwrap(), block);
+            assert_eq!(&body[at..], &vec![9; len][..]);
+            // A length that does not end where the frame ends is left to the full decode.
+            assert_eq!(Frame::parse_block_header(head, body.len() + 1), None);
         }
+        // Other frames are not block headers.
+        let dh = Frame::DontHave { req: 3, cid: c }.encode();
+        assert_eq!(Frame::parse_block_header(&dh[4..], dh.len() - 4), None);
+        // A non-canonical request id (251 -> u16) is left to the full decode.
+        let mut odd = vec![FRAME_VERSION, 1, 251, 7, 0];
+        odd.extend_from_slice(&c);
+        odd.push(0);
+        assert_eq!(Frame::parse_block_header(&odd, odd.len()), None);
         assert!(Frame::check_len((FRAME_BYTES_MAX as u32 + 1).to_le_bytes()).is_err());
         assert!(Frame::check_len([0; 4]).is_err());
         let long = Frame::Want { req: 1, root: c, cids: vec![c; WANT_CIDS_MAX + 1] }.encode();
@@ -318,10 +384,39 @@ mod tests {
             ..ProptestConfig::default()
         })]
         #[test]
+        fn block_headers_parse_as_the_full_decode_reads_them(
+            req in any::<u64>(),
+            len in 0usize..70_000,
+            flip in any::<(usize, u8)>(),
+        ) {
+            // A block frame's header parses to its fields; with one header byte changed it
+            // parses only if the full decode reads the same fields from it.
+            let c = Cid::raw(&req.to_le_bytes()).to_bytes();
+            let mut body = Frame::Block { req, cid: c, bytes: vec![5; len] }.encode().split_off(4);
+            let cut = body.len().min(BLOCK_HEADER_MAX);
+            let (r, k, _, n) = Frame::parse_block_header(&body[..cut], body.len()).unwrap();
+            prop_assert_eq!((r, k, n), (req, c, len));
+            let i = flip.0 % cut;
+            body[i] ^= flip.1.max(1);
+            if let Some((r, k, _, n)) = Frame::parse_block_header(&body[..cut], body.len()) {
+                let decoded = Frame::decode(&body);
+                prop_assert!(matches!(&decoded, Ok(Frame::Block { req, cid, bytes })
+                    if *req == r && *cid == k && bytes.len() == n), "{decoded:?}");
+            }
+        }
+
+        #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             // Arbitrary bytes are an error or a frame within bounds, never a panic.
             if let Ok(Frame::Want { cids, .. }) = Frame::decode(&bytes) {
                 prop_assert!(cids.len() <= WANT_CIDS_MAX);
+            }
+            // A block header that parses is one the full decode accepts, with those fields.
+            let head = &bytes[..bytes.len().min(BLOCK_HEADER_MAX)];
+            if let Some((req, cid, _, len)) = Frame::parse_block_header(head, bytes.len()) {
+                let decoded = Frame::decode(&bytes);
+                prop_assert!(matches!(&decoded, Ok(Frame::Block { req: r, cid: k, bytes })
+                    if *r == req && *k == cid && bytes.len() == len), "{decoded:?}");
             }
             let _ = Announcement::decode(&bytes);
         }

@@ -44,11 +44,24 @@ pub async fn read_frame_into<R: futures::AsyncRead + Unpin>(
     }
     let len =
         Frame::check_len(prefix).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    // A block's bytes are read straight into their own buffer (no copy out of `buf`).
+    let mut head = [0u8; wire::BLOCK_HEADER_MAX];
+    let head_len = len.min(head.len());
+    r.read_exact(&mut head[..head_len]).await?;
+    if let Some((req, cid, at, n)) = Frame::parse_block_header(&head[..head_len], len) {
+        let mut bytes = Vec::with_capacity(n);
+        bytes.extend_from_slice(&head[at..head_len]);
+        let have = bytes.len();
+        bytes.resize(n, 0);
+        r.read_exact(&mut bytes[have..]).await?;
+        return Ok(Some(Frame::Block { req, cid, bytes }));
+    }
     // The length was checked against FRAME_BYTES_MAX before anything was allocated.
     if buf.len() < len {
         buf.resize(len, 0);
     }
-    r.read_exact(&mut buf[..len]).await?;
+    buf[..head_len].copy_from_slice(&head[..head_len]);
+    r.read_exact(&mut buf[head_len..len]).await?;
     Frame::decode(&buf[..len]).map(Some).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 

@@ -959,7 +959,7 @@ impl Daemon {
         let config = fetch::Config {
             timeout_ms: self.config.node.request_timeout_ms,
             want_batch: 32,
-            window_max: 128,
+            window_max: 256,
             seed: node_seed(&self.me),
             ..fetch::Config::default()
         };

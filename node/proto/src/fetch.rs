@@ -439,6 +439,17 @@ impl Fetch {
         self.next_forget = self.peers.values().filter_map(|p| p.lacks_until).min();
     }
 
+    /// Whether `p` takes a request now: it has room for a whole want list (or half its
+    /// window, if that is less), or nothing in flight, or room for all that is pending.
+    /// Requests then carry many blocks: a slot freed by each arriving block would otherwise
+    /// be refilled by a want list of one, and the serving side would read, and both sides
+    /// frame and track, every block alone.
+    fn has_room(&self, p: &PeerState) -> bool {
+        let free = p.window.saturating_sub(p.inflight) as usize;
+        let batch = self.config.want_batch.min((p.window as usize / 2).max(1));
+        free > 0 && (free >= batch || p.inflight == 0 || self.pending.len() <= free)
+    }
+
     /// Whether `p` may hold something pending (it does not lack every pending block).
     fn may_offer(&self, p: &PeerState) -> bool {
         p.lacked_pending < self.pending.len()
@@ -786,7 +797,7 @@ impl Fetch {
         // it lacks everything pending (a fleet's fetch can have a thousand peers).
         // A peer that lacks every pending block is skipped: asking it would find nothing.
         let mut open =
-            self.peers.iter().filter(|(_, p)| p.inflight < p.window && self.may_offer(p)).map(
+            self.peers.iter().filter(|(_, p)| self.has_room(p) && self.may_offer(p)).map(
                 |(id, p)| (!p.same_zone, u64::from(p.inflight) * 1000 / u64::from(p.window), *id),
             );
         let best = open.next()?;
@@ -797,7 +808,7 @@ impl Fetch {
         let mut order: Vec<(bool, u64, PeerId)> = self
             .peers
             .iter()
-            .filter(|(id, p)| p.inflight < p.window && self.may_offer(p) && **id != best.2)
+            .filter(|(id, p)| self.has_room(p) && self.may_offer(p) && **id != best.2)
             .map(|(id, p)| (!p.same_zone, u64::from(p.inflight) * 1000 / u64::from(p.window), *id))
             .collect();
         order.sort();

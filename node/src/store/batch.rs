@@ -17,7 +17,7 @@ use super::pack::Location;
 use super::{AlignedBuf, CHUNKS, STAGE_ALIGN, Store, StoreError, index_err};
 
 /// Buffer bytes of one batch: the blocks read together, at most.
-pub const BATCH_BYTES: usize = 4 << 20;
+pub const BATCH_BYTES: usize = 2 << 20;
 /// Two blocks further apart than this in a pack are read separately.
 const RUN_GAP_BYTES: u64 = 64 << 10;
 /// Idle batch buffers kept for reuse.

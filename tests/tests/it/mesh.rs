@@ -125,7 +125,7 @@ fn failover_after_kill_and_resume_after_restart() -> Result<()> {
     // The daemon wrote the output while fetching, and left no temporary file behind.
     assert_eq!(temp_files(tmp.path())?, Vec::<String>::new());
     let report: serde_json::Value = serde_json::from_slice(&result.stdout)?;
-    let window_blocks = 128u64; // the daemon's fetch window_max
+    let window_blocks = 256u64; // the daemon's fetch window_max
     assert!(report["rerequested"].as_u64().unwrap_or(u64::MAX) <= 2 * window_blocks, "{report}");
     assert!(
         report["fetched_bytes"].as_u64().unwrap() <= size + window_blocks * (256 << 10),

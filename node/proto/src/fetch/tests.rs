@@ -589,3 +589,32 @@ fn a_peer_that_queues_too_long_gets_a_smaller_window() {
     assert!(prompt > before, "prompt answers grow the window: {before} -> {prompt}");
     assert!(late < before, "late answers shrink it: {before} -> {late}");
 }
+
+#[test]
+fn requests_wait_for_room_for_a_whole_want_list() {
+    // With a full window, each arriving block frees one slot: the next request waits until
+    // a want list's worth is free, and then carries that many blocks (a want list per block
+    // would have the holder read, and both sides frame and track, every block alone).
+    let (root, full, _) = wide_object(14, 8 << 20);
+    let config = Config { window_initial: 32, window_max: 32, want_batch: 8, ..Config::default() };
+    let mut f = Fetch::new(root, config, Timestamp(0));
+    f.add_peer(peer(0), true);
+    let (p, mut asked) = first_chunk_request(&mut f, &full, Timestamp(0));
+    while let Some(a) = f.poll_action(Timestamp(0)) {
+        if let Action::Request { cids, .. } = a {
+            asked.extend(cids);
+        }
+    }
+    let now = Timestamp(1);
+    let mut sizes = Vec::new();
+    for c in asked.iter().take(16) {
+        f.handle_block(p, *c, full[c].clone(), now);
+        while let Some(a) = f.poll_action(now) {
+            if let Action::Request { cids, .. } = a {
+                sizes.push(cids.len());
+            }
+        }
+    }
+    assert!(!sizes.is_empty(), "freed slots are refilled");
+    assert!(sizes.iter().all(|&n| n >= 8), "want lists of a whole batch: {sizes:?}");
+}

@@ -990,7 +990,7 @@ fn tune_allocator() {
     // SAFETY: mallopt only sets allocator parameters; called before the daemon's threads.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
     }
 }
 

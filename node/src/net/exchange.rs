@@ -88,7 +88,7 @@ pub struct ServeCtx {
 }
 
 /// Want lists whose blocks are read from the store while earlier answers are written.
-const READ_AHEAD: usize = 3;
+const READ_AHEAD: usize = 1;
 
 /// What the writing half of a serving stream sends next, in request order.
 enum Reply {

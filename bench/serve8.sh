@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Memory of a daemon serving 8 concurrent fetchers of a 256 MiB object on loopback (release build).
 set -e
-M=/work/main/target/release/mycel; T=/work/benchtmp/m8; pkill -f "mycel run" || true; sleep 0.5; rm -rf $T; mkdir -p $T
+M=${M:-/work/main/target/release/mycel}; T=/work/benchtmp/m8; pkill -f "mycel run" || true; sleep 0.5; rm -rf $T; mkdir -p $T
 MYCEL_DATA_DIR=$T/a $M init --listen /ip4/127.0.0.1/udp/47600/quic-v1 --json > $T/a.json
 PA=$(python3 -c "import json;print(json.load(open('$T/a.json'))['peer_id'])")
 PEERS="\"$PA\""

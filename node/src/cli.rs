@@ -784,8 +784,8 @@ fn through_daemon(
             };
             let update = fetch_through(ctx, &mut client, cid, *timeout, live.as_deref()).await?;
             if let Some(report) = &update.output {
-                let body = print_get(ctx, report, out, Some(&update));
-                return Ok(Some((Ok(()), body)));
+                print_get(ctx, report, out, Some(&update));
+                return Ok(Some((Ok(()), Vec::new())));
             }
             fetched = Some(update);
             // The progress stream used that connection up: take a fresh one.
@@ -827,20 +827,18 @@ fn add_fetch_report(v: &mut serde_json::Value, f: &daemon::FetchUpdate) {
     }
 }
 
-/// Prints what `get` wrote (and, from a fetch, who sent what); returns the printed bytes.
+/// Prints what `get` wrote (and, from a fetch, who sent what).
 fn print_get(
     ctx: &Ctx,
     report: &restore::GetReport,
     out: &std::path::Path,
     fetched: Option<&daemon::FetchUpdate>,
-) -> Vec<u8> {
+) {
     let mut value = serde_json::to_value(report).expect("report serialises");
     if let Some(f) = fetched {
         add_fetch_report(&mut value, f);
     }
-    let text = if ctx.json {
-        value.to_string()
-    } else {
+    ctx.print(value, || {
         let mut s =
             format!("{} -> {}: {} written", report.root, out.display(), iec(report.bytes_written));
         if report.hole_bytes > 0 {
@@ -850,16 +848,7 @@ fn print_get(
             s.push_str(&format!(", {} punched", iec(report.bytes_punched)));
         }
         s
-    };
-    let mut body = Vec::new();
-    if !text.is_empty() {
-        body.extend_from_slice(text.as_bytes());
-        body.push(b'\n');
-        let mut stdout = ctx.stdout();
-        let _ = stdout.write_all(&body);
-        let _ = stdout.flush();
-    }
-    body
+    });
 }
 
 /// Fetches an object through the daemon's mesh, drawing progress; with `out`, the daemon

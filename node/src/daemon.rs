@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, ping};
-use mycel_chunker::{Cid, Codec};
+use mycel_chunker::Cid;
 use mycel_proto::Timestamp;
 use mycel_proto::announce::{Announcer, Directory, Holdings};
 use mycel_proto::fetch::{self, Action, Fetch, Local};
@@ -982,8 +982,8 @@ impl Daemon {
         }
     }
 
-    /// A requester asked for `root` at `out`: unless another fetch of it is writing an
-    /// output already (or the fetch is done or nearly so), write it while it arrives.
+    /// A requester asked for `root` at `out`: unless this fetch writes an output already,
+    /// write it while it arrives (whatever passed before is written by the final pass).
     fn stream_output(&mut self, root: Cid, out: &std::path::Path) {
         let Some(job) = self.jobs.get_mut(&root) else { return };
         if job.output.is_some() {
@@ -1502,7 +1502,7 @@ impl Daemon {
                             if let Some(o) =
                                 self.jobs.get_mut(&root).and_then(|j| j.output.as_mut())
                             {
-                                o.on_manifest(&cid, &b);
+                                o.on_block(&cid, &b);
                             }
                             Local::Bytes(b)
                         }
@@ -1538,14 +1538,7 @@ impl Daemon {
             }
             Action::Store { cid, bytes, .. } => {
                 let output = self.jobs.get_mut(&root).and_then(|j| j.output.as_mut());
-                let place = match output {
-                    Some(o) if cid.codec() == Codec::Raw => o.take_placement(&cid),
-                    Some(o) => {
-                        o.on_manifest(&cid, &bytes);
-                        None
-                    }
-                    None => None,
-                };
+                let place = output.and_then(|o| o.on_block(&cid, &bytes));
                 let job = StoreJob::Block { cid, bytes, place };
                 // Backpressure: the store thread is the one place blocks become durable.
                 if let Err(std_mpsc::TrySendError::Full(job)) = self.store_tx.try_send(job) {

@@ -108,10 +108,9 @@ impl LiveOutput {
         })
     }
 
-    /// A manifest block of the object passed (fetched, or read from the store): learn where
-    /// the chunks it names go. Blocks that do not decode are ignored here (the fetch fails
-    /// on them, and the final pass checks the whole tree).
-    pub fn on_manifest(&mut self, cid: &Cid, bytes: &[u8]) {
+    /// A manifest block: learn where the chunks it names go. Blocks that do not decode are
+    /// ignored here (the fetch fails on them, and the final pass checks the whole tree).
+    fn on_manifest(&mut self, cid: &Cid, bytes: &[u8]) {
         if self.off {
             return;
         }
@@ -175,8 +174,14 @@ impl LiveOutput {
         }
     }
 
-    /// A verified chunk arrived: where to write it, if known.
-    pub fn take_placement(&mut self, cid: &Cid) -> Option<Placement> {
+    /// A verified block of the object passed (fetched, or a manifest block read from the
+    /// store): a manifest block teaches where chunks go; for a chunk, where to write it, if
+    /// known.
+    pub fn on_block(&mut self, cid: &Cid, bytes: &[u8]) -> Option<Placement> {
+        if cid.codec() != Codec::Raw {
+            self.on_manifest(cid, bytes);
+            return None;
+        }
         let offsets = self.chunks.remove(cid)?;
         Some(Placement { out: self.out.clone(), offsets })
     }
@@ -298,9 +303,7 @@ mod tests {
         let mut w = store.writer().unwrap();
         for (cid, bytes) in blocks {
             w.put(*cid, bytes).unwrap();
-            if cid.codec() == Codec::DagCbor {
-                live.on_manifest(cid, bytes);
-            } else if let Some(p) = live.take_placement(cid) {
+            if let Some(p) = live.on_block(cid, bytes) {
                 early += p.offsets.len();
                 p.write(*cid, bytes);
             }

@@ -105,10 +105,9 @@ impl Store {
     /// # Errors
     /// Index errors.
     pub fn read_batch(&self, cids: &[Cid]) -> Result<Batch, StoreError> {
-        let mut located: Vec<(Cid, Option<Location>)> = Vec::new();
+        // Each CID with its location and run, if stored.
+        let mut located: Vec<(Cid, Option<(Location, usize)>)> = Vec::new();
         let mut runs: Vec<Run> = Vec::new();
-        // Per located block: its run.
-        let mut run_of: Vec<usize> = Vec::new();
         let mut need = 0usize;
         {
             let tx = self.db.begin_read().map_err(index_err)?;
@@ -122,7 +121,6 @@ impl Store {
                 };
                 let Some(loc) = loc else {
                     located.push((*cid, None));
-                    run_of.push(usize::MAX);
                     continue;
                 };
                 let align = STAGE_ALIGN as u64;
@@ -144,8 +142,7 @@ impl Store {
                     Some(r) if joins => r.end = r.end.max(end),
                     _ => runs.push(Run { pack: loc.pack, start, end, at: 0 }),
                 }
-                located.push((*cid, Some(loc)));
-                run_of.push(runs.len() - 1);
+                located.push((*cid, Some((loc, runs.len() - 1))));
             }
         }
         let mut buf = self
@@ -169,9 +166,8 @@ impl Store {
         }
         let blocks = located
             .into_iter()
-            .zip(run_of)
-            .map(|((cid, loc), r)| {
-                let Some(loc) = loc else { return (cid, Slot::Missing) };
+            .map(|(cid, at)| {
+                let Some((loc, r)) = at else { return (cid, Slot::Missing) };
                 let run = &runs[r];
                 let from = run.at + (loc.offset - run.start) as usize;
                 let to = from + loc.len as usize;

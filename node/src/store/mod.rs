@@ -314,22 +314,28 @@ impl Store {
 
     /// Pack `n` opened for direct reads (page-cache bypassing where the filesystem allows).
     fn direct_pack_file(&self, n: u32) -> Result<Arc<dyn VfsFile>, StoreError> {
-        let mut packs = self.lock_packs();
-        if let Some(f) = packs.direct.get(&n) {
-            return Ok(f.clone());
-        }
-        let file: Arc<dyn VfsFile> = Arc::from(self.vfs.open_direct(&self.pack_path(n), false)?);
-        packs.direct.insert(n, file.clone());
-        Ok(file)
+        self.cached_pack(n, true)
     }
 
     fn pack_file(&self, n: u32) -> Result<Arc<dyn VfsFile>, StoreError> {
+        self.cached_pack(n, false)
+    }
+
+    /// Pack `n`, opened once (for direct reads or buffered) and kept open.
+    fn cached_pack(&self, n: u32, direct: bool) -> Result<Arc<dyn VfsFile>, StoreError> {
         let mut packs = self.lock_packs();
-        if let Some(f) = packs.files.get(&n) {
+        let cache = if direct { &mut packs.direct } else { &mut packs.files };
+        if let Some(f) = cache.get(&n) {
             return Ok(f.clone());
         }
-        let file: Arc<dyn VfsFile> = Arc::from(self.vfs.open(&self.pack_path(n), false)?);
-        packs.files.insert(n, file.clone());
+        let path = self.pack_path(n);
+        let file = if direct {
+            self.vfs.open_direct(&path, false)?
+        } else {
+            self.vfs.open(&path, false)?
+        };
+        let file: Arc<dyn VfsFile> = Arc::from(file);
+        cache.insert(n, file.clone());
         Ok(file)
     }
 

@@ -4,7 +4,8 @@
 # /dev/shm (timed, then compared by hash with the input); in the same run, quinn-bulk sends the
 # same number of bytes over plain quinn with libp2p-quic's windows and cipher order into the same
 # sink (a file in /dev/shm, as the get writes: the reference), once more with AES-128-GCM first,
-# and once discarding the bytes (for comparison with earlier runs, which used that). Reports
+# once discarding the bytes (for comparison with earlier runs, which used that), and once with
+# its server in a process of its own (two processes, as the two nodes are). Reports
 # MB/s of each, the ratio mycel/quinn (goal >= 70%), and the peak resident memory (VmHWM) of
 # both daemons after the get.
 # Medians of $RUNS runs; each run uses two fresh nodes. Data directories live in $BENCH_DIR.
@@ -63,7 +64,7 @@ fi
 BYTES=$(stat -c %s "$IN")
 SUM_IN=$(sha256sum "$IN" | cut -d' ' -f1)
 
-MYCEL=(); QUINN=(); QUINN_AES=(); QUINN_NULL=(); HWM_A=(); HWM_B=(); SPLIT=""
+MYCEL=(); QUINN=(); QUINN_AES=(); QUINN_NULL=(); QUINN_SEP=(); HWM_A=(); HWM_B=(); SPLIT=""
 for run in $(seq "$RUNS"); do
     A="$W/a$run"; B="$W/b$run"
     port=$(free_udp_port)
@@ -100,15 +101,18 @@ for run in $(seq "$RUNS"); do
     QUINN+=("$("$QB" --bytes "$BYTES" --out "$OUT" | json '["seconds"]')"); rm -f "$OUT"
     QUINN_AES+=("$("$QB" --bytes "$BYTES" --cipher aes128 --out "$OUT" | json '["seconds"]')"); rm -f "$OUT"
     QUINN_NULL+=("$("$QB" --bytes "$BYTES" | json '["seconds"]')")
+    # The same, the server in a process of its own (as node A is).
+    QUINN_SEP+=("$("$QB" --bytes "$BYTES" --separate --out "$OUT" | json '["seconds"]')"); rm -f "$OUT"
 done
 
 echo "# mycel exchange, one peer on loopback, $((BYTES >> 20)) MiB random from /dev/shm to /dev/shm, stores in $BENCH_DIR; $(machine); medians of $RUNS"
 printf '%-36s %10s %10s\n' transfer seconds MB/s
 m=$(median "${MYCEL[@]}"); q=$(median "${QUINN[@]}"); qa=$(median "${QUINN_AES[@]}")
-qn=$(median "${QUINN_NULL[@]}")
+qn=$(median "${QUINN_NULL[@]}"); qs=$(median "${QUINN_SEP[@]}")
 printf '%-36s %10s %10s\n' "mycel get (1 holder)" "$m" "$(mbps "$BYTES" "$m")"
 printf '%-36s %10s %10s\n' "quinn-bulk (libp2p windows, chacha)" "$q" "$(mbps "$BYTES" "$q")"
 printf '%-36s %10s %10s\n' "quinn-bulk (libp2p windows, aes128)" "$qa" "$(mbps "$BYTES" "$qa")"
 printf '%-36s %10s %10s\n' "quinn-bulk (chacha, bytes discarded)" "$qn" "$(mbps "$BYTES" "$qn")"
-echo "mycel / quinn-bulk (same windows, cipher and sink): $(python3 -c "print(f'{100 * $q / $m:.0f}')")% (goal >= 70%); against discarding: $(python3 -c "print(f'{100 * $qn / $m:.0f}')")%; by_peer of the last run: $SPLIT"
+printf '%-36s %10s %10s\n' "quinn-bulk (chacha, two processes)" "$qs" "$(mbps "$BYTES" "$qs")"
+echo "mycel / quinn-bulk (same windows, cipher and sink): $(python3 -c "print(f'{100 * $q / $m:.0f}')")% (goal >= 70%); against discarding: $(python3 -c "print(f'{100 * $qn / $m:.0f}')")%; against two processes: $(python3 -c "print(f'{100 * $qs / $m:.0f}')")%; by_peer of the last run: $SPLIT"
 echo "VmHWM after the get: node A (sender) $(median "${HWM_A[@]}" | cut -d. -f1) KiB, node B (fetcher) $(median "${HWM_B[@]}" | cut -d. -f1) KiB"

@@ -7,7 +7,9 @@
 //! bytes, written from one reused 1 MiB buffer of random bytes; the client reads them into one
 //! reused buffer and discards them, or with `--out FILE` writes them to that file (the sink
 //! `mycel get` has: the object lands in a file), hashing nothing. The clock runs from the opening of the
-//! stream to the end of the stream on the client; the handshake is not timed.
+//! stream to the end of the stream on the client; the handshake is not timed. With `--separate`
+//! the server runs in a child process of its own (this binary again, each with its own runtime
+//! of two workers), as the two mycel nodes of the benchmark are two processes.
 //!
 //! The transport and TLS settings are those libp2p-quic 0.14 builds (`QuinnConfig::from` in its
 //! `config.rs` and `libp2p-tls`): 10 MB stream window, 15 MB connection window, keep-alive 5 s,
@@ -69,6 +71,14 @@ struct Args {
     /// the object it fetched; without it they are discarded.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// Run the server in a process of its own (as two mycel nodes are two processes, each
+    /// with its own runtime) rather than beside the client in this one.
+    #[arg(long)]
+    separate: bool,
+    /// Internal: be the server process of `--separate` (prints its address and certificate
+    /// on one line, serves one transfer, exits).
+    #[arg(long, hide = true)]
+    serve_child: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -103,6 +113,9 @@ fn main() -> Result<()> {
     let args = Args::parse();
     ensure!(args.stream_window > 0 && args.conn_window > 0, "windows must be positive");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if args.serve_child {
+        return runtime.block_on(serve_child(&args));
+    }
     let seconds = runtime.block_on(transfer(&args))?;
     let report = Report {
         bytes: args.bytes,
@@ -116,16 +129,23 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Runs the server and the client; returns the client's seconds from stream open to end.
+/// Runs the server (here or, with `--separate`, in a child process) and the client; returns
+/// the client's seconds from stream open to end.
 async fn transfer(args: &Args) -> Result<f64> {
-    let (server_config, client_config) = configs(args)?;
     let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-    let server = Endpoint::server(server_config, loopback)?;
-    let server_addr = server.local_addr()?;
-    let serving = tokio::spawn(serve(server.clone()));
+    let (server_addr, cert, server) = if args.separate {
+        let (addr, cert, child) = spawn_server(args)?;
+        (addr, cert, Server::Child(child))
+    } else {
+        let (server_config, cert) = server_config(args)?;
+        let server = Endpoint::server(server_config, loopback)?;
+        let addr = server.local_addr()?;
+        let serving = tokio::spawn(serve(server.clone()));
+        (addr, cert, Server::Task(server, serving))
+    };
 
     let mut client = Endpoint::client(loopback)?;
-    client.set_default_client_config(client_config);
+    client.set_default_client_config(client_config(args, cert)?);
     let conn = client.connect(server_addr, SERVER_NAME)?.await.context("handshake")?;
 
     let start = Instant::now();
@@ -154,10 +174,65 @@ async fn transfer(args: &Args) -> Result<f64> {
     ensure!(received == args.bytes, "received {received} of {} bytes", args.bytes);
 
     conn.close(VarInt::from_u32(0), b"done");
-    serving.await.context("server task")??;
-    client.wait_idle().await;
-    server.wait_idle().await;
+    match server {
+        Server::Task(server, serving) => {
+            serving.await.context("server task")??;
+            client.wait_idle().await;
+            server.wait_idle().await;
+        }
+        Server::Child(mut child) => {
+            client.wait_idle().await;
+            let status = child.wait().context("waiting for the server process")?;
+            ensure!(status.success(), "the server process failed: {status}");
+        }
+    }
     Ok(seconds)
+}
+
+/// Where the server runs.
+enum Server {
+    Task(Endpoint, tokio::task::JoinHandle<Result<()>>),
+    Child(std::process::Child),
+}
+
+/// Starts this binary as the server process; returns its address and certificate (from the
+/// one line it prints first) and the process.
+fn spawn_server(args: &Args) -> Result<(SocketAddr, CertificateDer<'static>, std::process::Child)> {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["--serve-child", "--bytes", &args.bytes.to_string()])
+        .args(["--stream-window", &args.stream_window.to_string()])
+        .args(["--conn-window", &args.conn_window.to_string()])
+        .args([
+            "--cipher",
+            args.cipher.to_possible_value().expect("no skipped variants").get_name(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the server process")?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().context("the server process's stdout")?;
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let (addr, cert) =
+        line.trim().split_once(' ').context("the server process printed no address")?;
+    let cert = (0..cert.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(cert.get(i..i + 2).unwrap_or("x"), 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .context("the server process's certificate")?;
+    Ok((addr.parse()?, CertificateDer::from(cert), child))
+}
+
+/// The server process of `--separate`: prints `ADDRESS CERT_HEX`, serves one transfer.
+async fn serve_child(args: &Args) -> Result<()> {
+    let (server_config, cert) = server_config(args)?;
+    let server = Endpoint::server(server_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+    let hex: String = cert.iter().map(|b| format!("{b:02x}")).collect();
+    println!("{} {hex}", server.local_addr()?);
+    std::io::stdout().flush()?;
+    serve(server.clone()).await?;
+    server.wait_idle().await;
+    Ok(())
 }
 
 /// Accepts one connection and one stream, reads the byte count and sends that many bytes.
@@ -187,11 +262,7 @@ async fn serve(endpoint: Endpoint) -> Result<()> {
 }
 
 /// The server and client configurations, with libp2p-quic's transport and TLS settings.
-fn configs(args: &Args) -> Result<(quinn::ServerConfig, quinn::ClientConfig)> {
-    let certified = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])?;
-    let cert: CertificateDer<'static> = certified.cert.der().clone();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
-
+fn provider(args: &Args) -> Arc<rustls::crypto::CryptoProvider> {
     // libp2p-tls: aws-lc-rs with its three TLS 1.3 suites; the client's order decides (the
     // rustls server follows the client's preference unless told otherwise).
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
@@ -207,19 +278,39 @@ fn configs(args: &Args) -> Result<(quinn::ServerConfig, quinn::ClientConfig)> {
             cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
         ],
     };
-    let provider = Arc::new(provider);
+    Arc::new(provider)
+}
 
-    let server_tls = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+/// The server's configuration with a fresh self-signed certificate, and that certificate.
+fn server_config(args: &Args) -> Result<(quinn::ServerConfig, CertificateDer<'static>)> {
+    let certified = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])?;
+    let cert: CertificateDer<'static> = certified.cert.der().clone();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
+    let server_tls = rustls::ServerConfig::builder_with_provider(provider(args))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(vec![cert.clone()], key)?;
+    let mut server =
+        quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls)?));
+    server.transport = transport(args);
+    server.migration(false);
+    Ok((server, cert))
+}
+
+/// The client's configuration, trusting `cert`.
+fn client_config(args: &Args, cert: CertificateDer<'static>) -> Result<quinn::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert)?;
-    let client_tls = rustls::ClientConfig::builder_with_provider(provider)
+    let client_tls = rustls::ClientConfig::builder_with_provider(provider(args))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls)?));
+    client.transport_config(transport(args));
+    Ok(client)
+}
 
+fn transport(args: &Args) -> Arc<TransportConfig> {
     // libp2p-quic `QuinnConfig::from`, line for line; send_window keeps quinn's default there.
     let mut transport = TransportConfig::default();
     transport.max_concurrent_uni_streams(0u32.into());
@@ -231,13 +322,5 @@ fn configs(args: &Args) -> Result<(quinn::ServerConfig, quinn::ClientConfig)> {
     transport.stream_receive_window(args.stream_window.into());
     transport.receive_window(args.conn_window.into());
     transport.mtu_discovery_config(Some(quinn::MtuDiscoveryConfig::default()));
-    let transport = Arc::new(transport);
-
-    let mut server =
-        quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls)?));
-    server.transport = Arc::clone(&transport);
-    server.migration(false);
-    let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls)?));
-    client.transport_config(transport);
-    Ok((server, client))
+    Arc::new(transport)
 }

@@ -182,7 +182,7 @@ async fn transfer(args: &Args) -> Result<f64> {
         }
         Server::Child(mut child) => {
             client.wait_idle().await;
-            let status = child.wait().context("waiting for the server process")?;
+            let status = child.0.wait().context("waiting for the server process")?;
             ensure!(status.success(), "the server process failed: {status}");
         }
     }
@@ -192,14 +192,27 @@ async fn transfer(args: &Args) -> Result<f64> {
 /// Where the server runs.
 enum Server {
     Task(Endpoint, tokio::task::JoinHandle<Result<()>>),
-    Child(std::process::Child),
+    Child(ServerProcess),
+}
+
+/// The server process of `--separate`, killed if the client gives up before it is waited for
+/// (it would wait for a connection forever).
+struct ServerProcess(std::process::Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// Starts this binary as the server process; returns its address and certificate (from the
 /// one line it prints first) and the process.
-fn spawn_server(args: &Args) -> Result<(SocketAddr, CertificateDer<'static>, std::process::Child)> {
+fn spawn_server(args: &Args) -> Result<(SocketAddr, CertificateDer<'static>, ServerProcess)> {
     use std::io::BufRead as _;
-    let mut child = std::process::Command::new(std::env::current_exe()?)
+    let child = std::process::Command::new(std::env::current_exe()?)
         .args(["--serve-child", "--bytes", &args.bytes.to_string()])
         .args(["--stream-window", &args.stream_window.to_string()])
         .args(["--conn-window", &args.conn_window.to_string()])
@@ -210,15 +223,18 @@ fn spawn_server(args: &Args) -> Result<(SocketAddr, CertificateDer<'static>, std
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("starting the server process")?;
+    let mut child = ServerProcess(child);
     let mut line = String::new();
-    let stdout = child.stdout.take().context("the server process's stdout")?;
+    let stdout = child.0.stdout.take().context("the server process's stdout")?;
     std::io::BufReader::new(stdout).read_line(&mut line)?;
-    let (addr, cert) =
+    let (addr, hex) =
         line.trim().split_once(' ').context("the server process printed no address")?;
-    let cert = (0..cert.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(cert.get(i..i + 2).unwrap_or("x"), 16))
-        .collect::<Result<Vec<u8>, _>>()
+    ensure!(hex.len() % 2 == 0, "the server process printed an odd-length certificate");
+    let cert = hex
+        .as_bytes()
+        .chunks(2)
+        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair)?, 16).map_err(Into::into))
+        .collect::<Result<Vec<u8>>>()
         .context("the server process's certificate")?;
     Ok((addr.parse()?, CertificateDer::from(cert), child))
 }
@@ -261,7 +277,7 @@ async fn serve(endpoint: Endpoint) -> Result<()> {
     }
 }
 
-/// The server and client configurations, with libp2p-quic's transport and TLS settings.
+/// libp2p-tls's crypto provider, with the cipher suites in the order `--cipher` asks for.
 fn provider(args: &Args) -> Arc<rustls::crypto::CryptoProvider> {
     // libp2p-tls: aws-lc-rs with its three TLS 1.3 suites; the client's order decides (the
     // rustls server follows the client's preference unless told otherwise).
@@ -310,6 +326,7 @@ fn client_config(args: &Args, cert: CertificateDer<'static>) -> Result<quinn::Cl
     Ok(client)
 }
 
+/// libp2p-quic's transport settings, with `--stream-window` and `--conn-window`.
 fn transport(args: &Args) -> Arc<TransportConfig> {
     // libp2p-quic `QuinnConfig::from`, line for line; send_window keeps quinn's default there.
     let mut transport = TransportConfig::default();

@@ -5,7 +5,9 @@
 //! with one direct read per run of neighbouring blocks into a reused aligned buffer: no page
 //! cache to fill and copy out of (on the benchmark VM a buffered read of cold pack data cost
 //! more CPU than encrypting it), one system call per run, and blocks served from the buffer
-//! in place. Every block is checked against its CID before it is handed out.
+//! in place. Every block is checked before it is handed out: against the CRC-32C its index
+//! entry took when it was stored (itself checked against the CID then), or against its CID
+//! for entries older than the CRC. The peer checks the CID on arrival.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -98,9 +100,9 @@ struct Run {
 
 impl Store {
     /// Reads the first blocks of `cids` (at least one; as many as fit [`BATCH_BYTES`]):
-    /// blocks neighbouring in a pack are read with one direct read, each is checked against
-    /// its CID. A block that is not stored, or cannot be read, or does not match is marked so
-    /// in the batch, not an error.
+    /// blocks neighbouring in a pack are read with one direct read, each is checked
+    /// ([`Location::check`]). A block that is not stored, or cannot be read, or does not match
+    /// is marked so in the batch, not an error.
     ///
     /// # Errors
     /// Index errors.
@@ -176,9 +178,10 @@ impl Store {
                     Ok(n) if to - run.at > *n => {
                         Slot::Corrupt("pack is shorter than the index says".into())
                     }
-                    Ok(_) if !cid.matches(&buf.bytes()[from..to]) => {
-                        Slot::Corrupt("hash mismatch".into())
-                    }
+                    Ok(_) if !loc.check(&cid, &buf.bytes()[from..to]) => Slot::Corrupt(
+                        if loc.crc.is_some() { "checksum mismatch" } else { "hash mismatch" }
+                            .into(),
+                    ),
                     Ok(_) => Slot::Bytes(from..to),
                 };
                 (cid, slot)

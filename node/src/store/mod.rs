@@ -42,8 +42,10 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// governs who may read the root from this node until a committed pin names one.
 const NAMESPACES: TableDefinition<&[u8], &str> = TableDefinition::new("namespaces");
 
-/// Store layout version, kept in the meta table.
-const STORE_VERSION: u8 = 1;
+/// Store layout version, kept in the meta table. Version 2 index entries carry a CRC-32C
+/// ([`Location::crc`]); a version 1 store is read as it is and marked 2 on open (its old
+/// entries stay valid), so a build that reads only 1 refuses it rather than misreading it.
+const STORE_VERSION: u8 = 2;
 /// Root record format version.
 const ROOT_RECORD_VERSION: u8 = 1;
 /// redb page cache.
@@ -247,13 +249,13 @@ impl Store {
             let mut meta = tx.open_table(META).map_err(index_err)?;
             let version = meta.get("version").map_err(index_err)?.map(|v| v.value().to_vec());
             match version.as_deref() {
-                None => {
+                None | Some([1]) => {
                     meta.insert("version", [STORE_VERSION].as_slice()).map_err(index_err)?;
                 }
                 Some([STORE_VERSION]) => {}
                 Some(other) => {
                     return Err(StoreError::Metadata(format!(
-                        "store layout version {other:?}, this build reads {STORE_VERSION}"
+                        "store layout version {other:?}, this build reads 1 to {STORE_VERSION}"
                     )));
                 }
             }
@@ -551,6 +553,11 @@ impl Store {
             let cid = Cid::from_digest(loc.codec, digest);
             buf.resize(loc.len as usize, 0);
             match self.read_verified(&cid, &loc, &mut buf) {
+                // The bytes are right, so the entry's checksum is what is damaged: the block
+                // would not be served.
+                Ok(()) if !loc.check(&cid, &buf) => {
+                    bad.push((cid, "damaged index entry (checksum)".into()));
+                }
                 Ok(()) => {}
                 Err(StoreError::Corrupt { what, .. }) => bad.push((cid, what)),
                 Err(StoreError::Io(e)) => bad.push((cid, format!("unreadable: {e}"))),
@@ -866,6 +873,7 @@ impl Writer<'_> {
             offset: self.end + RECORD_HEADER_BYTES,
             len,
             codec: cid.codec(),
+            crc: Some(crc32c::crc32c(bytes)),
         };
         self.end += record as u64;
         assert_eq!(self.end, self.stage.end(), "stage and pack end agree");

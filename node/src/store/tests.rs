@@ -133,6 +133,107 @@ fn batches_read_neighbours_together_and_never_return_bad_bytes() {
     assert!(batches > 1 && batches <= total / (BATCH_BYTES / 2) + 1, "{batches} batches");
 }
 
+/// Rewrites `cid`'s index entry as `f` makes it.
+fn edit_entry(store: &Store, cid: &Cid, f: impl FnOnce(&mut Vec<u8>)) {
+    let tx = store.db.begin_write().unwrap();
+    {
+        let mut table = tx.open_table(CHUNKS).unwrap();
+        let mut value = table.get(cid.digest()).unwrap().unwrap().value().to_vec();
+        f(&mut value);
+        table.insert(cid.digest(), value.as_slice()).unwrap();
+    }
+    tx.commit().unwrap();
+}
+
+#[test]
+fn served_blocks_are_checked_by_their_crc_and_older_entries_by_their_cid() {
+    // Entries carry the CRC-32C of their bytes. One damaged in its CRC is refused for serving
+    // (the bytes are fine, so get() returns them) and named by verify_all; a version 1 entry
+    // (no CRC) is served checked against its CID, and refused once its bytes are damaged.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let blocks: Vec<_> = (0..4u64).map(|i| block(500 + i, 3000 + 700 * i as usize)).collect();
+    let mut w = store.writer().unwrap();
+    for (cid, bytes) in &blocks {
+        w.put(*cid, bytes).unwrap();
+    }
+    w.commit().unwrap();
+    drop(w);
+    for (cid, bytes) in &blocks {
+        assert_eq!(store.locate(cid).unwrap().unwrap().crc, Some(crc32c::crc32c(bytes)));
+    }
+    // Block 0: its CRC damaged. Blocks 1 and 2: version 1 entries, block 2's bytes damaged.
+    edit_entry(&store, &blocks[0].0, |v| v[20] ^= 4);
+    for (cid, _) in &blocks[1..3] {
+        edit_entry(&store, cid, |v| {
+            v.truncate(v.len() - 4);
+            v[0] = 1;
+        });
+    }
+    let loc = store.locate(&blocks[2].0).unwrap().unwrap();
+    assert_eq!(loc.crc, None);
+    let path = dir.path().join("packs").join(pack::file_name(loc.pack));
+    let mut raw = std::fs::read(&path).unwrap();
+    raw[loc.offset as usize + 99] ^= 1;
+    std::fs::write(&path, raw).unwrap();
+
+    let ask: Vec<Cid> = blocks.iter().map(|b| b.0).collect();
+    let batch = store.read_batch(&ask).unwrap();
+    assert_eq!(batch.len(), 4);
+    assert_eq!(batch.block(0).1, Err(Some("checksum mismatch")));
+    assert_eq!(batch.block(1).1, Ok(blocks[1].1.as_slice()));
+    assert_eq!(batch.block(2).1, Err(Some("hash mismatch")));
+    assert_eq!(batch.block(3).1, Ok(blocks[3].1.as_slice()));
+    assert_eq!(store.get(&blocks[0].0).unwrap().as_deref(), Some(blocks[0].1.as_slice()));
+    let (checked, mut bad) = store.verify_all(&mut |_| {}).unwrap();
+    assert_eq!(checked, 4);
+    bad.sort_by_key(|(cid, _)| ask.iter().position(|c| c == cid));
+    let names: Vec<_> = bad.iter().map(|(c, why)| (*c, why.as_str())).collect();
+    assert_eq!(
+        names,
+        [(blocks[0].0, "damaged index entry (checksum)"), (blocks[2].0, "hash mismatch")]
+    );
+}
+
+fn set_layout_version(dir: &Path, version: u8) {
+    let db = Database::create(dir.join("index.redb")).unwrap();
+    let tx = db.begin_write().unwrap();
+    tx.open_table(META).unwrap().insert("version", [version].as_slice()).unwrap();
+    tx.commit().unwrap();
+}
+
+#[test]
+fn a_version_1_store_opens_and_is_marked_2_and_a_newer_one_is_refused() {
+    // A store from before the CRC keeps its blocks; once opened it says version 2, so a
+    // build that reads only version 1 entries refuses it instead of calling them damaged.
+    let dir = tempfile::tempdir().unwrap();
+    let (cid, bytes) = block(9, 4000);
+    {
+        let store = Store::open(dir.path()).unwrap();
+        let mut w = store.writer().unwrap();
+        w.put(cid, &bytes).unwrap();
+        w.commit().unwrap();
+        drop(w);
+        edit_entry(&store, &cid, |v| {
+            v.truncate(v.len() - 4);
+            v[0] = 1;
+        });
+    }
+    set_layout_version(dir.path(), 1);
+    {
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.get(&cid).unwrap().as_deref(), Some(bytes.as_slice()));
+        let tx = store.db.begin_read().unwrap();
+        let meta = tx.open_table(META).unwrap();
+        assert_eq!(meta.get("version").unwrap().unwrap().value(), [2]);
+    }
+    set_layout_version(dir.path(), 3);
+    match Store::open(dir.path()) {
+        Err(StoreError::Metadata(why)) => assert!(why.contains("version [3]"), "{why}"),
+        other => panic!("a version 3 store opened: {:?}", other.map(|_| ())),
+    }
+}
+
 #[test]
 fn gc_removes_unreachable_blocks_and_keeps_rooted_ones() {
     // Blocks under a root survive GC; orphans go, and a mostly-dead pack is rewritten.

@@ -873,7 +873,7 @@ impl Writer<'_> {
             offset: self.end + RECORD_HEADER_BYTES,
             len,
             codec: cid.codec(),
-            crc: Some(crc32c::crc32c(bytes)),
+            crc: Some(pack::crc32c(bytes)),
         };
         self.end += record as u64;
         assert_eq!(self.end, self.stage.end(), "stage and pack end agree");

@@ -160,7 +160,7 @@ fn served_blocks_are_checked_by_their_crc_and_older_entries_by_their_cid() {
     w.commit().unwrap();
     drop(w);
     for (cid, bytes) in &blocks {
-        assert_eq!(store.locate(cid).unwrap().unwrap().crc, Some(crc32c::crc32c(bytes)));
+        assert_eq!(store.locate(cid).unwrap().unwrap().crc, Some(pack::crc32c(bytes)));
     }
     // Block 0: its CRC damaged. Blocks 1 and 2: version 1 entries, block 2's bytes damaged.
     edit_entry(&store, &blocks[0].0, |v| v[20] ^= 4);

@@ -4,9 +4,11 @@
 //! In one process it starts a quinn server on `127.0.0.1:0` with a self-signed certificate and a
 //! client on its own endpoint that trusts it. The client opens one bidirectional stream (libp2p
 //! disables unidirectional ones) and writes the byte count; the server answers with that many
-//! bytes, written from one reused 1 MiB buffer of random bytes; the client reads them into one
-//! reused buffer and discards them, or with `--out FILE` writes them to that file (the sink
-//! `mycel get` has: the object lands in a file), hashing nothing. The clock runs from the opening of the
+//! bytes, written from one reused 1 MiB buffer of random bytes, or with `--in FILE` read from
+//! that file 1 MiB at a time (the same bytes the mycel node serves, which it reads from its
+//! store); the client reads them into one reused buffer and discards them, or with `--out FILE`
+//! writes them to that file (the sink `mycel get` has: the object lands in a file), hashing
+//! nothing. The clock runs from the opening of the
 //! stream to the end of the stream on the client; the handshake is not timed. With `--separate`
 //! the server runs in a child process of its own (this binary again, each with its own runtime
 //! of two workers), as the two mycel nodes of the benchmark are two processes.
@@ -71,6 +73,10 @@ struct Args {
     /// the object it fetched; without it they are discarded.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// Send the first `--bytes` bytes of this file (plain blocking reads, as the sink's
+    /// writes are) instead of one buffer of random bytes over and over.
+    #[arg(long = "in")]
+    input: Option<std::path::PathBuf>,
     /// Run the server in a process of its own (as two mycel nodes are two processes, each
     /// with its own runtime) rather than beside the client in this one.
     #[arg(long)]
@@ -112,6 +118,10 @@ struct Report {
 fn main() -> Result<()> {
     let args = Args::parse();
     ensure!(args.stream_window > 0 && args.conn_window > 0, "windows must be positive");
+    if let Some(path) = &args.input {
+        let len = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?.len();
+        ensure!(len >= args.bytes, "{} has {len} bytes, fewer than --bytes", path.display());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if args.serve_child {
         return runtime.block_on(serve_child(&args));
@@ -140,7 +150,7 @@ async fn transfer(args: &Args) -> Result<f64> {
         let (server_config, cert) = server_config(args)?;
         let server = Endpoint::server(server_config, loopback)?;
         let addr = server.local_addr()?;
-        let serving = tokio::spawn(serve(server.clone()));
+        let serving = tokio::spawn(serve(server.clone(), args.input.clone()));
         (addr, cert, Server::Task(server, serving))
     };
 
@@ -214,6 +224,7 @@ fn spawn_server(args: &Args) -> Result<(SocketAddr, CertificateDer<'static>, Ser
     use std::io::BufRead as _;
     let child = std::process::Command::new(std::env::current_exe()?)
         .args(["--serve-child", "--bytes", &args.bytes.to_string()])
+        .args(args.input.iter().flat_map(|p| [std::ffi::OsStr::new("--in"), p.as_os_str()]))
         .args(["--stream-window", &args.stream_window.to_string()])
         .args(["--conn-window", &args.conn_window.to_string()])
         .args([
@@ -246,13 +257,21 @@ async fn serve_child(args: &Args) -> Result<()> {
     let hex: String = cert.iter().map(|b| format!("{b:02x}")).collect();
     println!("{} {hex}", server.local_addr()?);
     std::io::stdout().flush()?;
-    serve(server.clone()).await?;
+    serve(server.clone(), args.input.clone()).await?;
     server.wait_idle().await;
     Ok(())
 }
 
-/// Accepts one connection and one stream, reads the byte count and sends that many bytes.
-async fn serve(endpoint: Endpoint) -> Result<()> {
+/// Accepts one connection and one stream, reads the byte count and sends that many bytes
+/// (from `input` if given).
+async fn serve(endpoint: Endpoint, input: Option<std::path::PathBuf>) -> Result<()> {
+    use std::io::Read as _;
+    let mut input = match input {
+        Some(path) => {
+            Some(std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?)
+        }
+        None => None,
+    };
     let incoming = endpoint.accept().await.context("server endpoint closed")?;
     let conn = incoming.await?;
     let (mut send, mut recv) = conn.accept_bi().await?;
@@ -265,6 +284,9 @@ async fn serve(endpoint: Endpoint) -> Result<()> {
         .fill_bytes(&mut buffer);
     while remaining > 0 {
         let n = usize::try_from(remaining).map_or(BUFFER_BYTES, |r| r.min(BUFFER_BYTES));
+        if let Some(file) = input.as_mut() {
+            file.read_exact(&mut buffer[..n]).context("the input is shorter than --bytes")?;
+        }
         send.write_all(&buffer[..n]).await?;
         remaining -= n as u64;
     }

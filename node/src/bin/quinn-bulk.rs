@@ -6,7 +6,8 @@
 //! disables unidirectional ones) and writes the byte count; the server answers with that many
 //! bytes, written from one reused 1 MiB buffer of random bytes, or with `--in FILE` read from
 //! that file 1 MiB at a time (the same bytes the mycel node serves, which it reads from its
-//! store); the client reads them into one reused buffer and discards them, or with `--out FILE`
+//! store), or with `--in FILE --preload` from the whole file read into memory before the
+//! connection is accepted (the same bytes, no file read timed); the client reads them into one reused buffer and discards them, or with `--out FILE`
 //! writes them to that file (the sink `mycel get` has: the object lands in a file), hashing
 //! nothing. The clock runs from the opening of the
 //! stream to the end of the stream on the client; the handshake is not timed. With `--separate`
@@ -77,6 +78,10 @@ struct Args {
     /// writes are) instead of one buffer of random bytes over and over.
     #[arg(long = "in")]
     input: Option<std::path::PathBuf>,
+    /// With `--in`: read the first `--bytes` bytes of the file into memory before the
+    /// transfer, and send from there.
+    #[arg(long, requires = "input")]
+    preload: bool,
     /// Run the server in a process of its own (as two mycel nodes are two processes, each
     /// with its own runtime) rather than beside the client in this one.
     #[arg(long)]
@@ -150,7 +155,7 @@ async fn transfer(args: &Args) -> Result<f64> {
         let (server_config, cert) = server_config(args)?;
         let server = Endpoint::server(server_config, loopback)?;
         let addr = server.local_addr()?;
-        let serving = tokio::spawn(serve(server.clone(), args.input.clone()));
+        let serving = tokio::spawn(serve(server.clone(), Source::open(args)?));
         (addr, cert, Server::Task(server, serving))
     };
 
@@ -225,6 +230,7 @@ fn spawn_server(args: &Args) -> Result<(SocketAddr, CertificateDer<'static>, Ser
     let child = std::process::Command::new(std::env::current_exe()?)
         .args(["--serve-child", "--bytes", &args.bytes.to_string()])
         .args(args.input.iter().flat_map(|p| [std::ffi::OsStr::new("--in"), p.as_os_str()]))
+        .args(args.preload.then_some("--preload"))
         .args(["--stream-window", &args.stream_window.to_string()])
         .args(["--conn-window", &args.conn_window.to_string()])
         .args([
@@ -252,43 +258,77 @@ fn spawn_server(args: &Args) -> Result<(SocketAddr, CertificateDer<'static>, Ser
 
 /// The server process of `--separate`: prints `ADDRESS CERT_HEX`, serves one transfer.
 async fn serve_child(args: &Args) -> Result<()> {
+    let source = Source::open(args)?;
     let (server_config, cert) = server_config(args)?;
     let server = Endpoint::server(server_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
     let hex: String = cert.iter().map(|b| format!("{b:02x}")).collect();
     println!("{} {hex}", server.local_addr()?);
     std::io::stdout().flush()?;
-    serve(server.clone(), args.input.clone()).await?;
+    serve(server.clone(), source).await?;
     server.wait_idle().await;
     Ok(())
 }
 
-/// Accepts one connection and one stream, reads the byte count and sends that many bytes
-/// (from `input` if given).
-async fn serve(endpoint: Endpoint, input: Option<std::path::PathBuf>) -> Result<()> {
-    use std::io::Read as _;
-    let mut input = match input {
-        Some(path) => {
-            Some(std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?)
+/// Where the server's bytes come from.
+enum Source {
+    /// One buffer of random bytes, sent over and over.
+    Buffer(Vec<u8>),
+    /// A file, read a buffer at a time as the bytes are sent.
+    File(std::fs::File, Vec<u8>),
+    /// A file's first `--bytes` bytes, read before the transfer.
+    Memory(Vec<u8>),
+}
+
+impl Source {
+    fn open(args: &Args) -> Result<Source> {
+        use std::io::Read as _;
+        let Some(path) = &args.input else {
+            let mut buffer = vec![0u8; BUFFER_BYTES];
+            rand_chacha::ChaCha8Rng::seed_from_u64(u64::from_le_bytes(*b"quinnblk"))
+                .fill_bytes(&mut buffer);
+            return Ok(Source::Buffer(buffer));
+        };
+        let mut file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+        if !args.preload {
+            return Ok(Source::File(file, vec![0u8; BUFFER_BYTES]));
         }
-        None => None,
-    };
+        let len = usize::try_from(args.bytes).context("--bytes does not fit in memory")?;
+        let mut all = vec![0u8; len];
+        file.read_exact(&mut all).context("the input is shorter than --bytes")?;
+        Ok(Source::Memory(all))
+    }
+
+    /// The next `n` bytes to send (`at` bytes were sent before).
+    fn next(&mut self, at: u64, n: usize) -> Result<&[u8]> {
+        use std::io::Read as _;
+        Ok(match self {
+            Source::Buffer(buffer) => &buffer[..n],
+            Source::File(file, buffer) => {
+                file.read_exact(&mut buffer[..n]).context("the input is shorter than --bytes")?;
+                &buffer[..n]
+            }
+            Source::Memory(all) => {
+                let at = usize::try_from(at)?;
+                all.get(at..at + n).context("the client asked for more than --bytes")?
+            }
+        })
+    }
+}
+
+/// Accepts one connection and one stream, reads the byte count and sends that many bytes
+/// from `source`.
+async fn serve(endpoint: Endpoint, mut source: Source) -> Result<()> {
     let incoming = endpoint.accept().await.context("server endpoint closed")?;
     let conn = incoming.await?;
     let (mut send, mut recv) = conn.accept_bi().await?;
     let mut request = [0u8; 8];
     recv.read_exact(&mut request).await?;
-    let mut remaining = u64::from_le_bytes(request);
-
-    let mut buffer = vec![0u8; BUFFER_BYTES];
-    rand_chacha::ChaCha8Rng::seed_from_u64(u64::from_le_bytes(*b"quinnblk"))
-        .fill_bytes(&mut buffer);
-    while remaining > 0 {
-        let n = usize::try_from(remaining).map_or(BUFFER_BYTES, |r| r.min(BUFFER_BYTES));
-        if let Some(file) = input.as_mut() {
-            file.read_exact(&mut buffer[..n]).context("the input is shorter than --bytes")?;
-        }
-        send.write_all(&buffer[..n]).await?;
-        remaining -= n as u64;
+    let total = u64::from_le_bytes(request);
+    let mut sent = 0u64;
+    while sent < total {
+        let n = usize::try_from(total - sent).map_or(BUFFER_BYTES, |r| r.min(BUFFER_BYTES));
+        send.write_all(source.next(sent, n)?).await?;
+        sent += n as u64;
     }
     send.finish()?;
     // The client closes the connection once it has read everything.

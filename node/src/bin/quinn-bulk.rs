@@ -7,12 +7,13 @@
 //! bytes, written from one reused 1 MiB buffer of random bytes, or with `--in FILE` read from
 //! that file 1 MiB at a time (the same bytes the mycel node serves, which it reads from its
 //! store), or with `--in FILE --preload` from the whole file read into memory before the
-//! connection is accepted (the same bytes, no file read timed); the client reads them into one reused buffer and discards them, or with `--out FILE`
-//! writes them to that file (the sink `mycel get` has: the object lands in a file), hashing
-//! nothing. The clock runs from the opening of the
-//! stream to the end of the stream on the client; the handshake is not timed. With `--separate`
-//! the server runs in a child process of its own (this binary again, each with its own runtime
-//! of two workers), as the two mycel nodes of the benchmark are two processes.
+//! connection is accepted (the same bytes, no file read timed). The client reads them into one
+//! reused buffer and discards them, or with `--out FILE` writes them to that file (the sink
+//! `mycel get` has: the object lands in a file), hashing nothing. The clock runs from the
+//! opening of the stream to the end of the stream on the client; the handshake is not timed.
+//! With `--separate` the server runs in a child process of its own (this binary again, each
+//! with its own runtime of two workers), as the two mycel nodes of the benchmark are two
+//! processes.
 //!
 //! The transport and TLS settings are those libp2p-quic 0.14 builds (`QuinnConfig::from` in its
 //! `config.rs` and `libp2p-tls`): 10 MB stream window, 15 MB connection window, keep-alive 5 s,

@@ -16,6 +16,24 @@ fn block(seed: u64, len: usize) -> (Cid, Vec<u8>) {
     (Cid::raw(&bytes), bytes)
 }
 
+/// Puts `blocks` in one committed group.
+fn put_all(store: &Store, blocks: &[(Cid, Vec<u8>)]) {
+    let mut w = store.writer().unwrap();
+    for (cid, bytes) in blocks {
+        w.put(*cid, bytes).unwrap();
+    }
+    w.commit().unwrap();
+}
+
+/// Flips the lowest bit of byte `at` of `cid`'s stored bytes, in its pack under `dir`.
+fn flip_pack_byte(store: &Store, dir: &Path, cid: &Cid, at: usize) {
+    let loc = store.locate(cid).unwrap().unwrap();
+    let path = dir.join("packs").join(pack::file_name(loc.pack));
+    let mut raw = std::fs::read(&path).unwrap();
+    raw[loc.offset as usize + at] ^= 1;
+    std::fs::write(&path, raw).unwrap();
+}
+
 fn record(name: &str) -> RootRecord {
     RootRecord {
         kind: "file".into(),
@@ -66,15 +84,8 @@ fn corrupt_bytes_are_never_returned() {
     let dir = tempfile::tempdir().unwrap();
     let (cid, bytes) = block(2, 5000);
     let store = Store::open(dir.path()).unwrap();
-    let mut w = store.writer().unwrap();
-    w.put(cid, &bytes).unwrap();
-    w.commit().unwrap();
-    drop(w);
-    let loc = store.locate(&cid).unwrap().unwrap();
-    let path = dir.path().join("packs").join(pack::file_name(loc.pack));
-    let mut raw = std::fs::read(&path).unwrap();
-    raw[loc.offset as usize + 10] ^= 1;
-    std::fs::write(&path, raw).unwrap();
+    put_all(&store, &[(cid, bytes)]);
+    flip_pack_byte(&store, dir.path(), &cid, 10);
     assert!(matches!(store.get(&cid), Err(StoreError::Corrupt { .. })));
     let (checked, bad) = store.verify_all(&mut |_| {}).unwrap();
     assert_eq!(checked, 1);
@@ -90,18 +101,9 @@ fn batches_read_neighbours_together_and_never_return_bad_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let blocks: Vec<_> = (0..40u64).map(|i| block(100 + i, 1000 + 26_000 * i as usize)).collect();
-    let mut w = store.writer().unwrap();
-    for (cid, bytes) in &blocks {
-        w.put(*cid, bytes).unwrap();
-    }
-    w.commit().unwrap();
-    drop(w);
+    put_all(&store, &blocks);
     let bad = blocks[5].0;
-    let loc = store.locate(&bad).unwrap().unwrap();
-    let path = dir.path().join("packs").join(pack::file_name(loc.pack));
-    let mut raw = std::fs::read(&path).unwrap();
-    raw[loc.offset as usize + 3] ^= 1;
-    std::fs::write(&path, raw).unwrap();
+    flip_pack_byte(&store, dir.path(), &bad, 3);
     let absent = Cid::raw(b"absent");
     let mut ask: Vec<Cid> = vec![blocks[3].0, absent, blocks[1].0, blocks[2].0, blocks[2].0];
     ask.extend(blocks[4..].iter().map(|b| b.0));
@@ -153,12 +155,7 @@ fn served_blocks_are_checked_by_their_crc_and_older_entries_by_their_cid() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let blocks: Vec<_> = (0..4u64).map(|i| block(500 + i, 3000 + 700 * i as usize)).collect();
-    let mut w = store.writer().unwrap();
-    for (cid, bytes) in &blocks {
-        w.put(*cid, bytes).unwrap();
-    }
-    w.commit().unwrap();
-    drop(w);
+    put_all(&store, &blocks);
     for (cid, bytes) in &blocks {
         assert_eq!(store.locate(cid).unwrap().unwrap().crc, Some(pack::crc32c(bytes)));
     }
@@ -170,12 +167,8 @@ fn served_blocks_are_checked_by_their_crc_and_older_entries_by_their_cid() {
             v[0] = 1;
         });
     }
-    let loc = store.locate(&blocks[2].0).unwrap().unwrap();
-    assert_eq!(loc.crc, None);
-    let path = dir.path().join("packs").join(pack::file_name(loc.pack));
-    let mut raw = std::fs::read(&path).unwrap();
-    raw[loc.offset as usize + 99] ^= 1;
-    std::fs::write(&path, raw).unwrap();
+    assert_eq!(store.locate(&blocks[2].0).unwrap().unwrap().crc, None);
+    flip_pack_byte(&store, dir.path(), &blocks[2].0, 99);
 
     let ask: Vec<Cid> = blocks.iter().map(|b| b.0).collect();
     let batch = store.read_batch(&ask).unwrap();
@@ -210,10 +203,7 @@ fn a_version_1_store_opens_and_is_marked_2_and_a_newer_one_is_refused() {
     let (cid, bytes) = block(9, 4000);
     {
         let store = Store::open(dir.path()).unwrap();
-        let mut w = store.writer().unwrap();
-        w.put(cid, &bytes).unwrap();
-        w.commit().unwrap();
-        drop(w);
+        put_all(&store, &[(cid, bytes.clone())]);
         edit_entry(&store, &cid, |v| {
             v.truncate(v.len() - 4);
             v[0] = 1;

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The cores (chunker, and later policy, consensus, proto) must not depend on async runtimes,
-# networking or HTTP stacks: they are deterministic state machines driven by node and sim.
+# The cores (base, chunker, policy, consensus, proto, and the node core) must not depend on
+# async runtimes, networking or HTTP stacks: they are deterministic state machines driven by
+# the daemon (mycel-node) and the simulator (mycel-sim).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 status=0
-for core in mycel-chunker mycel-policy mycel-consensus mycel-proto; do
+for core in mycel-base mycel-chunker mycel-policy mycel-consensus mycel-proto mycel-core; do
     if ! cargo metadata --format-version 1 --no-deps | grep -q "\"name\":\"$core\""; then
         continue
     fi

@@ -4,6 +4,7 @@
 //! digest) that is cheap to use as a map key; parsing and printing go through the `cid` crate
 //! so the text form is the standard multibase base32 one (`bafk...` / `bafy...`).
 
+pub use mycel_base::cmp_in_words;
 use std::fmt;
 use std::str::FromStr;
 
@@ -50,19 +51,6 @@ impl Ord for Cid {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.codec.cmp(&other.codec).then_with(|| cmp_in_words(&self.digest, &other.digest))
     }
-}
-
-/// `a.cmp(b)` for byte arrays whose length is a multiple of 8, compared eight bytes at a time
-/// as big-endian words (the same order, without a `memcmp` call): for identifiers that key
-/// ordered maps on hot paths.
-pub fn cmp_in_words<const N: usize>(a: &[u8; N], b: &[u8; N]) -> std::cmp::Ordering {
-    for (x, y) in a.as_chunks::<8>().0.iter().zip(b.as_chunks::<8>().0) {
-        let (x, y) = (u64::from_be_bytes(*x), u64::from_be_bytes(*y));
-        if x != y {
-            return x.cmp(&y);
-        }
-    }
-    a.as_chunks::<8>().1.cmp(b.as_chunks::<8>().1)
 }
 
 impl PartialOrd for Cid {

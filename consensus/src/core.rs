@@ -86,13 +86,7 @@ impl Config {
 }
 
 /// Timestamps are milliseconds on the driver's clock.
-pub use mycel_proto_time::Timestamp;
-
-mod mycel_proto_time {
-    /// Milliseconds on the driver's clock (virtual in tests and the simulator).
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
-    pub struct Timestamp(pub u64);
-}
+pub use mycel_base::Timestamp;
 
 /// What the driver must do.
 #[derive(Clone, Debug, PartialEq)]

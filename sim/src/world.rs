@@ -26,7 +26,8 @@ use mycel_consensus::topology::{self as topo, Decider};
 use mycel_consensus::{
     Config as CoreConfig, Core, FatalError, Output, ProposeError, Timestamp as CoreTime,
 };
-use mycel_policy::access::{self, Permission, Subject};
+use mycel_core::access::{self as core_access, Refusal};
+use mycel_policy::access;
 use mycel_policy::placement::Candidate;
 use mycel_policy::plan::{self, Held, NodeState, PinSpec, Settings};
 use mycel_proto::announce::{Announcer, Directory, Holdings};
@@ -202,6 +203,17 @@ struct Node {
     /// reports it heard, with the local time they arrived.
     decider: Option<Decider>,
     reports: BTreeMap<usize, (u64, routers::Report)>,
+    /// Manifest sets of the roots this node served, for the tree check.
+    trees: core_access::Trees,
+}
+
+/// A simulated node's disk as the tree check reads it.
+struct DiskBlocks<'a>(&'a BTreeMap<Cid, Rc<[u8]>>);
+
+impl core_access::Blocks for DiskBlocks<'_> {
+    fn block(&self, cid: &Cid) -> Option<Vec<u8>> {
+        self.0.get(cid).filter(|b| cid.matches(b)).map(|b| b.to_vec())
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -464,10 +476,6 @@ fn peer_of(seed: u64, idx: usize) -> (PeerId, [u8; 32]) {
     (PeerId::from_bytes(&topo::peer_of_key(&public)).expect("38 bytes"), secret)
 }
 
-fn role_name(r: Role) -> &'static str {
-    r.as_str()
-}
-
 /// Runs one seed of a scenario to the end.
 pub fn run(opts: Options) -> Report {
     let Options { seed, scenario, trace, bugs } = opts;
@@ -632,6 +640,7 @@ impl World {
                 router: routers::RouterState::default(),
                 decider: None,
                 reports: BTreeMap::new(),
+                trees: core_access::Trees::default(),
             });
         }
         // Hostile members: edges that are neither eligible nor managers.
@@ -1226,6 +1235,7 @@ impl World {
                 .collect(),
             load: n.fetches.len() as u32,
             free_bytes: CAPACITY_BYTES.saturating_sub(used),
+            addrs: Vec::new(),
         }
     }
 
@@ -1751,17 +1761,6 @@ impl World {
         self.nodes[at].view().members.contains_key(self.nodes[who].peer.as_bytes())
     }
 
-    fn namespace(state: &ClusterState, root: &Cid) -> String {
-        state
-            .pins
-            .get(root.to_bytes().as_slice())
-            .map_or_else(|| access::DEFAULT_NAMESPACE.to_string(), |p| p.namespace.clone())
-    }
-
-    fn may_read(state: &ClusterState, who: &[u8], root: &Cid) -> bool {
-        may_read_namespace(state, who, &Self::namespace(state, root))
-    }
-
     /// The newest committed state any manager holds.
     fn latest(&self) -> Option<&ClusterState> {
         self.nodes
@@ -1886,16 +1885,21 @@ impl World {
             let fr = Frame::Refused { req, reason: reason.into() };
             w.send(s, f, Msg::Frame { root: stream, bytes: fr.encode() });
         };
+        let fpeer = self.nodes[f].peer;
         if !self.is_member(s, f) {
-            return refuse(self, "not a member");
+            return refuse(self, &Refusal::NotMember.to_string());
         }
         let Ok(root_cid) = mycel_proto::wire::cid(&root) else { return refuse(self, "bad root") };
-        let fpeer = self.nodes[f].peer;
-        let allowed_here = Self::may_read(self.nodes[s].view(), fpeer.as_bytes(), &root_cid);
+        // The same check the daemon's exchange makes (no local namespaces here: simulated
+        // content is namespaced by its committed pins only).
+        let verdict = core_access::check_read(self.nodes[s].view(), &fpeer, &root_cid, None);
+        let allowed_here = verdict.is_ok();
         let skip_grant =
             cfg!(feature = "sim-bugs") && self.bugs & crate::bugs::SERVE_WITHOUT_GRANT != 0;
-        if !allowed_here && !skip_grant {
-            return refuse(self, "no read grant");
+        if let Err(refusal) = verdict
+            && !skip_grant
+        {
+            return refuse(self, &refusal.to_string());
         }
         let hostility = self.nodes[s].hostility;
         if hostility == Hostility::Oversized {
@@ -1907,6 +1911,14 @@ impl World {
         let read_error = if self.healed_at.is_none() { self.mix.read_error } else { 0.0 };
         for c in cids {
             let Ok(cid) = mycel_proto::wire::cid(&c) else { continue };
+            let in_tree = {
+                let n = &self.nodes[s];
+                n.trees.contains(&DiskBlocks(&n.store), &root_cid, &cid)
+            };
+            if !in_tree {
+                let refusal = Refusal::NotInTree { cid, root: root_cid };
+                return refuse(self, &refusal.to_string());
+            }
             let block = if read_error > 0.0 && self.rng.gen_bool(read_error) {
                 self.fault("read-error", s as u64);
                 None
@@ -1925,10 +1937,11 @@ impl World {
                     }
                     // An honest node serves only what `read_block` verified against the CID.
                     if !allowed_here {
-                        let latest_ok = self
-                            .latest()
-                            .is_some_and(|st| Self::may_read(st, fpeer.as_bytes(), &root_cid));
-                        let ns = Self::namespace(self.nodes[s].view(), &root_cid);
+                        let latest_ok = self.latest().is_some_and(|st| {
+                            core_access::check_read(st, &fpeer, &root_cid, None).is_ok()
+                        });
+                        let ns = core_access::namespace(self.nodes[s].view(), &root_cid, None)
+                            .to_string();
                         if self.served_after_revocation(f, &ns) {
                             let now = self.now;
                             self.checker.fail(
@@ -1974,7 +1987,7 @@ impl World {
                 .pins
                 .keys()
                 .filter_map(|r| Cid::from_bytes(r).ok())
-                .filter(|r| Self::may_read(view, &me, r))
+                .filter(|r| core_access::check_read(view, &n.peer, r, None).is_ok())
                 .filter(|r| !n.complete.contains(r) && !n.fetches.contains_key(r))
                 .collect();
             for c in roots {
@@ -2063,7 +2076,9 @@ impl World {
         };
         // (Every node planned over is a member, so the default namespace needs no lookup.)
         let mut may_read = |id: &[u8], ns: &str| {
-            access::open_to_members(ns, Permission::Read) || may_read_namespace(view, id, ns)
+            access::open_to_members(ns, access::Permission::Read)
+                || PeerId::from_bytes(id)
+                    .is_some_and(|p| core_access::may_read_namespace(view, &p, ns))
         };
         let p = plan::plan_namespaced(
             &pins,
@@ -2096,7 +2111,15 @@ impl World {
                             if matches!(h, Held::Complete) { "C" } else { "P" },
                             if n.alive { "" } else { "(dead)" },
                             if n.storage { "" } else { "(nostore)" },
-                            if may_read_namespace(view, &n.node.id, &ns) { "" } else { "(noread)" },
+                            if core_access::may_read_namespace(
+                                view,
+                                &PeerId::from_bytes(&n.node.id)?,
+                                &ns
+                            ) {
+                                ""
+                            } else {
+                                "(noread)"
+                            },
                             n.node.zone
                         ))
                     })
@@ -2903,33 +2926,6 @@ impl World {
             commit: COMMIT.into(),
         }
     }
-}
-
-/// Whether the member `who` may read namespace `ns` under `state`'s grants.
-fn may_read_namespace(state: &ClusterState, who: &[u8], ns: &str) -> bool {
-    let Some(m) = state.members.get(who) else { return false };
-    if access::open_to_members(ns, Permission::Read) {
-        return true; // (before building a subject: every plan asks this of every member)
-    }
-    let grants = state
-        .grants
-        .iter()
-        .map(|g| (g.subject.as_str(), g.permission.as_str(), g.namespace.as_str()));
-    // The base58 form of the PeerId is only needed by `member:` grants; encoding it for every
-    // check dominated large fleets' plans.
-    let peer = if state.grants.iter().any(|g| g.namespace == ns && g.subject.starts_with("member:"))
-    {
-        Subject::new(who, "", "", &[]).peer
-    } else {
-        String::new()
-    };
-    let subject = Subject {
-        peer,
-        role: role_name(m.role).to_string(),
-        zone: m.zone.clone(),
-        tags: m.tags.clone(),
-    };
-    access::allowed(grants, &subject, ns, Permission::Read)
 }
 
 /// A digest of a replication plan's inputs (and the grants that filter them): equal

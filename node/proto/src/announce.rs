@@ -16,7 +16,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::wire::{
-    ANNOUNCE_PARTIAL_MAX, ANNOUNCE_ROOTS_MAX, Announcement, Partial, WireError, ZONE_BYTES_MAX,
+    ADDR_BYTES_MAX, ANNOUNCE_ADDRS_MAX, ANNOUNCE_PARTIAL_MAX, ANNOUNCE_ROOTS_MAX, Announcement,
+    Partial, WireError, ZONE_BYTES_MAX,
 };
 use crate::{PeerId, Timestamp};
 
@@ -36,6 +37,9 @@ pub struct Holdings {
     pub load: u32,
     /// Free store bytes.
     pub free_bytes: u64,
+    /// Where this node listens (announced so members can dial it without an introduction);
+    /// at most [`ANNOUNCE_ADDRS_MAX`] of them are sent, longer ones skipped.
+    pub addrs: Vec<String>,
 }
 
 /// Decides when to announce and what.
@@ -109,6 +113,13 @@ impl Announcer {
             partial: holdings.partial.iter().take(ANNOUNCE_PARTIAL_MAX).cloned().collect(),
             load: holdings.load,
             free_bytes: holdings.free_bytes,
+            addrs: holdings
+                .addrs
+                .iter()
+                .filter(|a| !a.is_empty() && a.len() <= ADDR_BYTES_MAX)
+                .take(ANNOUNCE_ADDRS_MAX)
+                .cloned()
+                .collect(),
         })
     }
 }

@@ -15,7 +15,6 @@ pub mod announce;
 #[cfg(feature = "sim-bugs")]
 pub mod bugs;
 pub mod fetch;
-mod types;
 pub mod wire;
 
-pub use types::{PeerId, Timestamp};
+pub use mycel_base::{PeerId, Timestamp};

@@ -28,13 +28,23 @@ pub const ANNOUNCE_ROOTS_MAX: usize = 1024;
 pub const ANNOUNCE_PARTIAL_MAX: usize = 64;
 /// Longest zone name.
 pub const ZONE_BYTES_MAX: usize = 64;
+/// Listen addresses per announcement.
+pub const ANNOUNCE_ADDRS_MAX: usize = 8;
+/// Longest announced address.
+pub const ADDR_BYTES_MAX: usize = 256;
+/// Format version of announcements (2: with the node's listen addresses).
+pub const ANNOUNCE_VERSION: u8 = 2;
 /// Longest namespace name.
 pub const NAMESPACE_BYTES_MAX: usize = 64;
 
 const _: () = assert!(FRAME_BYTES_MAX >= NODE_BYTES_MAX + 64, "a frame holds the largest block");
 const _: () = assert!(WANT_CIDS_MAX * (Cid::BYTES + 2) + 64 < FRAME_BYTES_MAX);
-const _: () =
-    assert!(ANNOUNCE_ROOTS_MAX * (Cid::BYTES + 1) + ANNOUNCE_PARTIAL_MAX * 64 < ANNOUNCE_BYTES_MAX);
+const _: () = assert!(
+    ANNOUNCE_ROOTS_MAX * (Cid::BYTES + 1)
+        + ANNOUNCE_PARTIAL_MAX * 64
+        + ANNOUNCE_ADDRS_MAX * (ADDR_BYTES_MAX + 3)
+        < ANNOUNCE_BYTES_MAX
+);
 
 /// A CID on the wire (its 36-byte binary form).
 pub type CidBytes = [u8; Cid::BYTES];
@@ -274,12 +284,15 @@ pub struct Announcement {
     pub load: u32,
     /// Free store capacity in bytes.
     pub free_bytes: u64,
+    /// Where the node listens (multiaddrs without `/p2p/`), so members that have never met
+    /// it can dial it when the peers between them are gone.
+    pub addrs: Vec<String>,
 }
 
 impl Announcement {
     /// Encodes (version byte first).
     pub fn encode(&self) -> Vec<u8> {
-        let out = codec::encode_limited::<_, ANNOUNCE_BYTES_MAX>(FRAME_VERSION, self);
+        let out = codec::encode_limited::<_, ANNOUNCE_BYTES_MAX>(ANNOUNCE_VERSION, self);
         assert!(out.len() <= ANNOUNCE_BYTES_MAX, "announcement of {} bytes", out.len());
         out
     }
@@ -292,13 +305,16 @@ impl Announcement {
         if bytes.len() > ANNOUNCE_BYTES_MAX {
             return Err(WireError::TooLarge(bytes.len()));
         }
-        let a: Announcement = codec::decode_limited::<_, ANNOUNCE_BYTES_MAX>(FRAME_VERSION, bytes)
-            .map_err(|e| WireError::Malformed(e.to_string()))?;
+        let a: Announcement =
+            codec::decode_limited::<_, ANNOUNCE_BYTES_MAX>(ANNOUNCE_VERSION, bytes)
+                .map_err(|e| WireError::Malformed(e.to_string()))?;
         if a.roots.len() > ANNOUNCE_ROOTS_MAX
             || a.partial.len() > ANNOUNCE_PARTIAL_MAX
             || a.zone.len() > ZONE_BYTES_MAX
-            || a.node.len() > crate::types::PEER_ID_BYTES_MAX
+            || a.node.len() > mycel_base::PEER_ID_BYTES_MAX
             || a.page >= a.pages.max(1)
+            || a.addrs.len() > ANNOUNCE_ADDRS_MAX
+            || a.addrs.iter().any(|x| x.is_empty() || x.len() > ADDR_BYTES_MAX)
         {
             return Err(WireError::Limit("announcement over its bounds"));
         }

@@ -60,7 +60,8 @@ impl World {
             self.zones.iter().filter(|z| **z != self.nodes[e].zone).cloned().collect();
         let Some(zone) = others.choose(&mut self.rng).cloned() else { return };
         let Some(m) = self.live_manager() else { return };
-        let peer = Subject::new(self.nodes[e].peer.as_bytes(), "", "", &[]).peer;
+        let peer =
+            mycel_policy::access::Subject::new(self.nodes[e].peer.as_bytes(), "", "", &[]).peer;
         let grant = Grant {
             subject: format!("member:{peer}"),
             permission: "read".into(),

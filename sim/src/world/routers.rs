@@ -1,5 +1,5 @@
 //! Routers sharing a topology file, driven as the daemon drives them
-//! (`node/src/daemon/topology.rs`): routers propose signed versions, fetch staged versions
+//! (`node/daemon/src/daemon/topology.rs`): routers propose signed versions, fetch staged versions
 //! through the exchange, report what they hold and apply to the managers, and apply the
 //! version the committed state makes active for them; managers feed the real
 //! [`Decider`] with what they observe (gossip and reports), and the leader proposes its

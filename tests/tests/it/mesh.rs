@@ -303,3 +303,58 @@ fn mdns_finds_members_without_bootstrap_addresses() -> Result<()> {
     assert_ne!(denied.code, 0, "a non-member found by mDNS gets nothing");
     Ok(())
 }
+
+fn peers_of(node: &Node) -> Vec<String> {
+    node.run(&["peers", "--json"])
+        .ok()
+        .and_then(|r| r.json().ok())
+        .and_then(|v| {
+            v.as_array().map(|a| {
+                a.iter().filter_map(|p| p["peer_id"].as_str().map(str::to_string)).collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn losing_the_only_bootstrap_node_mid_transfer_does_not_cut_the_mesh() -> Result<()> {
+    // Three nodes with static members, each given only A's address. A 256 MiB object on A
+    // and B (each uploading at most 20 MB/s, so the transfer is under way when A dies). A is
+    // killed with -9 once C's get has started: C completes from B, byte-identical, because
+    // it learned B's address (from B's announcements) without being told it. Then C is
+    // restarted while A is still down: it reconnects to B from the addresses it kept.
+    let _s = serial();
+    let nodes = mesh(3)?;
+    let ((a, _), (b, pb), (c, _)) = (&nodes[0], &nodes[1], &nodes[2]);
+    for n in [a, b] {
+        n.set_config("upload_bytes_per_sec", "20000000")?;
+    }
+    let tmp = tempfile::tempdir()?;
+    let src = tmp.path().join("obj.bin");
+    fs::write(&src, random_bytes(35, 256 << 20))?;
+    let mut ra = a.start(&[])?;
+    b.set_bootstrap(&[&ra.addr])?;
+    c.set_bootstrap(&[&ra.addr])?;
+    let rb = b.start(&[])?;
+    let mut rc = c.start(&[])?;
+    let root = add(a, &src)?;
+    assert_eq!(add(b, &src)?, root);
+    let out = tmp.path().join("out.bin");
+    let get = spawn_get(c, &root, &out)?;
+    wait_for(60, "C's get under way", || fetching_done(c).filter(|(d, _)| *d > 0))?;
+    ra.kill9();
+    let result = get.wait_with_output()?;
+    anyhow::ensure!(
+        result.status.success(),
+        "get failed after A died: {}\n{}",
+        String::from_utf8_lossy(&result.stderr),
+        c.log()
+    );
+    assert_eq!(file_hash(&out)?, file_hash(&src)?);
+    rc.stop()?;
+    let _rc = c.start(&[])?;
+    wait_for(60, "C reconnected to B", || peers_of(c).contains(pb).then_some(()))
+        .with_context(|| c.log())?;
+    drop(rb);
+    Ok(())
+}

@@ -964,7 +964,7 @@ mod tests {
         use mycel_chunker::Config;
         let b = bench();
         let store = crate::store::Store::open(&b.data.join("store")).unwrap();
-        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/topologies/lab.yaml");
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/topologies/lab.yaml");
         let canonical =
             canon::canonical_json(&canon::parse(&fs::read(&file).unwrap(), Format::Yaml).unwrap());
         let tiny = Config {

@@ -19,7 +19,6 @@
 // bookkeeping whose order never matters.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
-pub mod access;
 pub mod api;
 pub mod cli;
 pub mod cluster;

@@ -16,7 +16,9 @@ use tokio::sync::mpsc;
 
 use super::EXCHANGE;
 use super::limit::Limiter;
-use crate::access::Access;
+use mycel_core::access::Access;
+
+use super::core_peer;
 use crate::metrics::Metrics;
 use crate::store::{Batch, Store, StoreError};
 
@@ -246,18 +248,17 @@ async fn serve_want<W: futures::AsyncWrite + Unpin>(
     for (c, cid) in cids {
         // Checked per block: a revocation committed while this want is served stops it.
         let access = ctx.access.read().expect("access lock").clone();
-        if let Err(reason) = access.may_read(&peer, &root, local.as_deref()) {
+        if let Err(refusal) = access.may_read(&core_peer(&peer), &root, local.as_deref()) {
             ctx.metrics.refused_requests.inc();
-            return write_frame(w, &Frame::Refused { req, reason }).await;
+            return write_frame(w, &Frame::Refused { req, reason: refusal.to_string() }).await;
         }
         let Some(cid) = cid else {
             write_frame(w, &Frame::DontHave { req, cid: c }).await?;
             continue;
         };
-        if !access.in_tree(&ctx.store, &root, &cid) {
+        if let Err(refusal) = access.check_in_tree(ctx.store.as_ref(), &root, &cid) {
             ctx.metrics.refused_requests.inc();
-            let reason = format!("{cid} is not part of {root}");
-            return write_frame(w, &Frame::Refused { req, reason }).await;
+            return write_frame(w, &Frame::Refused { req, reason: refusal.to_string() }).await;
         }
         if batch.as_ref().is_none_or(|b| at == b.len()) {
             batch = None;

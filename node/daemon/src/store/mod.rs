@@ -172,6 +172,14 @@ pub struct Store {
     _lock_file: Option<File>,
 }
 
+/// The tree check of serving reads manifest blocks through this (a damaged or unreadable block
+/// counts as absent: the walk never serves it, it only decides what else may be served).
+impl mycel_core::access::Blocks for Store {
+    fn block(&self, cid: &Cid) -> Option<Vec<u8>> {
+        self.get(cid).ok().flatten()
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the store under `dir` on the real filesystem, taking an
     /// exclusive lock so two processes never write it at once.

@@ -1,4 +1,12 @@
-//! Small shared types: peer identities and time.
+//! mycel-base: the types every core and driver shares, so that a peer and an instant mean one
+//! thing across the workspace (the consensus core, the data plane, the node core, the daemon
+//! and the simulator all use these).
+//!
+//! - [`PeerId`]: a peer's identity, the bytes of its libp2p PeerId, opaque here.
+//! - [`Timestamp`]: milliseconds on the driver's clock.
+//! - [`cmp_in_words`]: the byte-array order used by the identifiers that key hot maps.
+//!
+//! No dependencies: nothing here may touch the clock, the network or the filesystem.
 
 use std::fmt;
 
@@ -37,9 +45,7 @@ impl PeerId {
 
 impl Ord for PeerId {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.len
-            .cmp(&other.len)
-            .then_with(|| mycel_chunker::cmp_in_words(&self.bytes, &other.bytes))
+        self.len.cmp(&other.len).then_with(|| cmp_in_words(&self.bytes, &other.bytes))
     }
 }
 
@@ -76,6 +82,19 @@ impl Timestamp {
     pub fn since(self, earlier: Timestamp) -> u64 {
         self.0.saturating_sub(earlier.0)
     }
+}
+
+/// `a.cmp(b)` for byte arrays whose length is a multiple of 8, compared eight bytes at a time
+/// as big-endian words (the same order, without a `memcmp` call): for identifiers that key
+/// ordered maps on hot paths.
+pub fn cmp_in_words<const N: usize>(a: &[u8; N], b: &[u8; N]) -> std::cmp::Ordering {
+    for (x, y) in a.as_chunks::<8>().0.iter().zip(b.as_chunks::<8>().0) {
+        let (x, y) = (u64::from_be_bytes(*x), u64::from_be_bytes(*y));
+        if x != y {
+            return x.cmp(&y);
+        }
+    }
+    a.as_chunks::<8>().1.cmp(b.as_chunks::<8>().1)
 }
 
 #[cfg(test)]

@@ -410,6 +410,11 @@ impl DataDir {
         self.path.join("mycel.sock")
     }
 
+    /// The addresses of members learned so far, kept across restarts.
+    pub fn peers_path(&self) -> PathBuf {
+        self.path.join("peers")
+    }
+
     /// The store directory.
     pub fn store_path(&self) -> PathBuf {
         self.path.join("store")

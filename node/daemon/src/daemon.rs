@@ -35,7 +35,9 @@ use crate::store::{RootRecord, Store};
 use mycel_consensus::command::{Command as CCommand, Member, Role};
 use mycel_consensus::state::{ClusterState, Outcome};
 use mycel_consensus::{Core, Output as COutput};
+use mycel_core::access::Access;
 
+mod dial;
 pub mod topology;
 
 /// Why the daemon stopped.
@@ -240,7 +242,7 @@ struct Daemon {
     /// When a manager last answered a follow request.
     follow_answered: Instant,
     /// Who may read what, for the exchange.
-    access: Arc<RwLock<Arc<crate::access::Access>>>,
+    access: Arc<RwLock<Arc<Access>>>,
     /// The last replication plan.
     plan: mycel_policy::plan::Plan,
     next_plan: Instant,
@@ -255,6 +257,11 @@ struct Daemon {
     followed_saved: Instant,
     /// Topology files: router applies, reports, the leader's decisions.
     topo: topology::Wiring,
+    /// Members' addresses and when to dial whom (the node core's address book).
+    book: mycel_core::addrs::Book,
+    /// The book changed since it was last saved.
+    book_dirty: bool,
+    book_saved: Instant,
 }
 
 fn now(started: Instant) -> Timestamp {
@@ -311,7 +318,7 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
             .spawn(move || store_worker(&store, &store_rx, &done_tx))
             .map_err(|e| setup(&e))?;
     }
-    let access = Arc::new(RwLock::new(Arc::new(crate::access::Access::default())));
+    let access = Arc::new(RwLock::new(Arc::new(Access::default())));
     let serve_ctx = ServeCtx {
         access: access.clone(),
         store: store.clone(),
@@ -386,11 +393,16 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
         free_bytes: 0,
         followed_saved: Instant::now(),
         topo: topology::Wiring::new(&config_watches),
+        book: mycel_core::addrs::Book::new(mycel_core::addrs::Config::default()),
+        book_dirty: false,
+        book_saved: Instant::now(),
     };
+    d.load_book();
     d.announcer.start_seq_at(unix_ms());
     d.start_cluster().map_err(|e| setup(&e))?;
+    d.learn_bootstrap();
     tracing::info!(peer_id = %d.me, zone = %d.config.node.zone, "mycel daemon starting");
-    d.dial_bootstrap();
+    d.dial_due();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| setup(&e))?;
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -423,6 +435,7 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
         d.drive();
     }
     tracing::info!("shutting down");
+    d.save_book(true);
     drop(d.store_tx);
     api.shutdown().await;
     Ok(())
@@ -459,6 +472,9 @@ impl Daemon {
             }
         };
         consider(self.announcer.poll_timeout());
+        if let Some(t) = self.book.poll_timeout() {
+            consider(t);
+        }
         if let Some(core) = &self.core {
             consider(Timestamp(core.poll_timeout().0));
         }
@@ -483,19 +499,8 @@ impl Daemon {
         self.apply_members(new.clone(), &old);
         self.config.node.bootstrap = config.node.bootstrap;
         tracing::info!(members = new.len(), "members reloaded");
-        self.dial_bootstrap();
+        self.dial_due();
         Ok(new.len())
-    }
-
-    fn dial_bootstrap(&mut self) {
-        for (peer, addr) in self.bootstrap.clone() {
-            if !self.connected.contains_key(&peer)
-                && self.is_member(&peer)
-                && let Err(e) = self.swarm.dial(addr.clone())
-            {
-                tracing::debug!(%peer, "dial {addr}: {e}");
-            }
-        }
     }
 
     fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
@@ -524,6 +529,11 @@ impl Daemon {
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                 tracing::info!(peer = %peer_id, "connected via {}", endpoint.get_remote_address());
+                // An address we dialled works; an inbound one is the peer's source port.
+                let dialled =
+                    endpoint.is_dialer().then(|| dial::addr_text(endpoint.get_remote_address()));
+                self.book.connected(net::core_peer(&peer_id), dialled.as_deref());
+                self.book_dirty = true;
                 self.connected.entry(peer_id).or_default().addrs =
                     vec![endpoint.get_remote_address().to_string()];
                 self.metrics.peers_connected.set(self.connected.len() as i64);
@@ -535,6 +545,7 @@ impl Daemon {
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 tracing::info!(peer = %peer_id, "disconnected");
+                self.book.disconnected(net::core_peer(&peer_id), self.ts());
                 self.connected.remove(&peer_id);
                 self.links.remove(&peer_id);
                 self.metrics.peers_connected.set(self.connected.len() as i64);
@@ -555,6 +566,9 @@ impl Daemon {
             })) => {
                 for addr in &info.listen_addrs {
                     self.swarm.add_peer_address(peer_id, addr.clone());
+                    if self.is_member(&peer_id) {
+                        self.learn_addr(peer_id, addr, mycel_core::addrs::Source::Reported);
+                    }
                 }
                 self.connected.entry(peer_id).or_default().agent = Some(info.agent_version);
             }
@@ -578,6 +592,9 @@ impl Daemon {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(?peer_id, "dial failed: {error}");
+                if let Some(p) = peer_id {
+                    self.book.dial_failed(net::core_peer(&p), self.ts());
+                }
             }
             _ => {}
         }
@@ -600,6 +617,13 @@ impl Daemon {
             tracing::debug!(peer = %source, "announcement refused: {e}");
             return;
         }
+        // Where the member listens, in its own signed words: how nodes that were introduced
+        // through one bootstrap peer find each other once it is gone.
+        for a in &ann.addrs {
+            if let Ok(ma) = a.parse::<Multiaddr>() {
+                self.learn_addr(source, &ma, mycel_core::addrs::Source::Reported);
+            }
+        }
         let same_zone = ann.zone == self.config.node.zone;
         let mut wanted = false;
         for job in self.jobs.values_mut() {
@@ -613,25 +637,6 @@ impl Daemon {
         // addresses come from identify or the committed member list).
         if wanted && !self.connected.contains_key(&source) {
             self.dial_member(source);
-        }
-    }
-
-    /// Dials a member at its committed addresses (libp2p keeps no addresses for a peer known
-    /// only by its PeerId, so dialling by id alone fails between edges), unless connected or
-    /// a dial is under way.
-    fn dial_member(&mut self, peer: PeerId) {
-        let addrs: Vec<Multiaddr> = self
-            .cluster_state()
-            .members
-            .get(&peer.to_bytes())
-            .map(|m| m.addrs.iter().filter_map(|a| a.parse().ok()).collect())
-            .unwrap_or_default();
-        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
-            .addresses(addrs)
-            .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
-            .build();
-        if let Err(e) = self.swarm.dial(opts) {
-            tracing::debug!(%peer, "dial: {e}");
         }
     }
 
@@ -1059,7 +1064,7 @@ impl Daemon {
             state.pins.get(&spec.root).map_or("default", |p| p.namespace.as_str()).to_string()
         };
         let mut may_read = |id: &[u8], ns: &str| {
-            PeerId::from_bytes(id).is_ok_and(|p| access.may_read_namespace(&p, ns))
+            mycel_proto::PeerId::from_bytes(id).is_some_and(|p| access.may_read_namespace(&p, ns))
         };
         let mut plan = mycel_policy::plan::plan_namespaced(
             &pins,
@@ -1430,9 +1435,8 @@ impl Daemon {
                 }
             }
             self.metrics.fetches_active.set(self.jobs.len() as i64);
-            if self.connected.len() < self.bootstrap.len() {
-                self.dial_bootstrap();
-            }
+            self.dial_due();
+            self.save_book(false);
         }
     }
 
@@ -1458,6 +1462,7 @@ impl Daemon {
             partial,
             load: self.jobs.len() as u32,
             free_bytes: self.free_bytes,
+            addrs: self.listen_addrs.iter().map(dial::addr_text).collect(),
         };
         let Some(ann) = self.announcer.handle_timeout(now, &holdings) else { return };
         let topic = net::announce_topic(&self.config.node.zone);
@@ -2190,7 +2195,7 @@ impl Daemon {
         }
         let old = self.members.read().expect("members lock").clone();
         self.apply_members(new, &old);
-        let access = crate::access::Access::from_state(self.cluster_state(), self.in_cluster());
+        let access = Access::new(self.cluster_state().clone(), self.in_cluster());
         *self.access.write().expect("access lock") = Arc::new(access);
         // Hear every zone's announcements: placement spans zones.
         let zones: BTreeSet<String> =
@@ -2228,10 +2233,14 @@ impl Daemon {
             }
             for a in list {
                 if let Ok(ma) = a.parse::<Multiaddr>() {
-                    self.swarm.add_peer_address(p, ma);
+                    self.swarm.add_peer_address(p, ma.clone());
+                    self.learn_addr(p, &ma, mycel_core::addrs::Source::Committed);
                 }
             }
         }
+        // Removed members' addresses are forgotten.
+        let members = self.members.read().expect("members lock").clone();
+        self.book.retain(|p| net::libp2p_peer(p).is_some_and(|p| members.contains(&p)));
     }
 
     fn apply_members(&mut self, new: BTreeSet<PeerId>, old: &BTreeSet<PeerId>) {

@@ -1,0 +1,18 @@
+//! mycel-core: one node's behaviour between the four cores, as sans-IO state machines and
+//! pure decisions that both drivers call, so the simulator runs the rules the daemon runs.
+//!
+//! - [`access`]: every serving decision: who may read a root, under which namespace, and
+//!   whether a manifest block asked for under a root belongs to its tree.
+//! - [`addrs`]: the address book: which addresses a node knows for each member, learned
+//!   from every source (configuration, identify, connections, the committed member list),
+//!   kept across restarts, and when to dial each one again (backoff per peer).
+//!
+//! Nothing here touches sockets, files, the clock or OS randomness: drivers pass the time
+//! in ([`Timestamp`]) and carry out what comes back. The rest of a node's logic (the cluster
+//! client, following the configuration, who-has and want routing, the replication worker,
+//! router applies) moves here next; `docs/architecture.md` says what is where today.
+
+pub mod access;
+pub mod addrs;
+
+pub use mycel_base::{PeerId, Timestamp};

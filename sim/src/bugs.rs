@@ -17,14 +17,19 @@ pub const ROUTER_APPLIES_STAGED: u32 = 1 << 4;
 /// Edges never fetch pre-positioned content.
 pub const IGNORE_PREPOSITIONS: u32 = 1 << 5;
 
+/// The serving side skips the tree check: a manifest block is served under any root the
+/// requester may read.
+pub const SERVE_OUTSIDE_TREE: u32 = 1 << 6;
+
 /// Every planted bug by name.
-pub const ALL: [(&str, u32); 6] = [
+pub const ALL: [(&str, u32); 7] = [
     ("skip-cid-check", SKIP_CID_CHECK),
     ("ack-before-fsync", ACK_BEFORE_FSYNC),
     ("vote-twice", VOTE_TWICE),
     ("serve-without-grant", SERVE_WITHOUT_GRANT),
     ("router-applies-staged", ROUTER_APPLIES_STAGED),
     ("ignore-prepositions", IGNORE_PREPOSITIONS),
+    ("serve-outside-tree", SERVE_OUTSIDE_TREE),
 ];
 
 /// Parses a comma-separated list of bug names.

@@ -1915,7 +1915,9 @@ impl World {
                 let n = &self.nodes[s];
                 n.trees.contains(&DiskBlocks(&n.store), &root_cid, &cid)
             };
-            if !in_tree {
+            let skip_tree =
+                cfg!(feature = "sim-bugs") && self.bugs & crate::bugs::SERVE_OUTSIDE_TREE != 0;
+            if !in_tree && !skip_tree {
                 let refusal = Refusal::NotInTree { cid, root: root_cid };
                 return refuse(self, &refusal.to_string());
             }
@@ -1934,6 +1936,11 @@ impl World {
                         && !bytes.is_empty()
                     {
                         bytes[0] ^= 0x5a;
+                    }
+                    // The root manifest of a pin the requester may not read, served under
+                    // another root: what the tree check exists to stop.
+                    if cid != root_cid {
+                        self.check_pin_root_served(s, f, &cid, &root_cid);
                     }
                     // An honest node serves only what `read_block` verified against the CID.
                     if !allowed_here {
@@ -1963,6 +1970,25 @@ impl World {
             };
             self.send(s, f, Msg::Frame { root: stream, bytes: frame.encode() });
         }
+    }
+
+    /// Checks a block `s` serves to `f` under `root`: if it is the root of a pin in a namespace
+    /// `f` may not read (in the newest committed state), it must not leave `s`.
+    fn check_pin_root_served(&mut self, s: usize, f: usize, cid: &Cid, root: &Cid) {
+        let Some(latest) = self.latest() else { return };
+        let Some(pin) = latest.pins.get(cid.to_bytes().as_slice()) else { return };
+        let ns = pin.namespace.clone();
+        if core_access::may_read_namespace(latest, &self.nodes[f].peer, &ns)
+            || self.served_after_revocation(f, &ns)
+        {
+            return;
+        }
+        let now = self.now;
+        self.checker.fail(
+            now,
+            "safety:read-grant",
+            format!("node {s} served the manifest of {cid} (namespace {ns}) to node {f} under {root}, which node {f} may read"),
+        );
     }
 
     /// The replication plan of node `i` (mycel-policy), and the fetches it asks for.
@@ -2286,6 +2312,7 @@ impl World {
             .filter(|&j| self.nodes[j].live() && self.nodes[j].zone != zone)
             .collect();
         let Some(&i) = cands.choose(&mut self.rng) else { return };
+        self.probe_outside_tree(i, p.root);
         if self.nodes[i].complete.contains(&p.root) || self.nodes[i].fetches.contains_key(&p.root) {
             return;
         }
@@ -2300,6 +2327,28 @@ impl World {
         self.record("curious", i as u64, 0);
         let _ = p.namespace;
         self.after(i);
+    }
+
+    /// Node `i` asks a holder of `secret` (a root it may not read) for that root's manifest
+    /// under another root it may read: the serving side's tree check must refuse it.
+    fn probe_outside_tree(&mut self, i: usize, secret: Cid) {
+        let peer = self.nodes[i].peer;
+        let found = (0..self.members).filter(|&s| s != i && self.nodes[s].live()).find_map(|s| {
+            let n = &self.nodes[s];
+            if !n.complete.contains(&secret) {
+                return None;
+            }
+            n.complete
+                .iter()
+                .find(|r| {
+                    **r != secret && core_access::check_read(n.view(), &peer, r, None).is_ok()
+                })
+                .map(|r| (s, *r))
+        });
+        let Some((s, cover)) = found else { return };
+        let want = Frame::Want { req: 0, root: cover.to_bytes(), cids: vec![secret.to_bytes()] };
+        self.record("probe-tree", i as u64, s as u64);
+        self.send(i, s, Msg::Frame { root: cover, bytes: want.encode() });
     }
 
     /// A non-member asks members for pinned content.

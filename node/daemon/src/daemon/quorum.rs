@@ -1,0 +1,842 @@
+//! The management quorum in the daemon's loop: the consensus core on managers, following
+//! the configuration elsewhere, proposals, joins and tokens, and the gate kept in step with
+//! the committed members.
+
+use super::*;
+
+/// Most bytes of log entries in one follow answer (the follower asks again for the rest).
+pub(super) const FOLLOW_DELTA_BYTES: u64 = 8 << 20;
+
+impl Daemon {
+    /// The committed configuration this node knows.
+    pub(super) fn cluster_state(&self) -> &ClusterState {
+        // A new manager's log starts empty: until it catches up, the configuration it
+        // followed as a member is the newer one.
+        match &self.core {
+            Some(c) if c.state().applied_index >= self.followed.applied_index => c.state(),
+            _ => &self.followed,
+        }
+    }
+
+    pub(super) fn in_cluster(&self) -> bool {
+        self.cluster_state().cluster_id.is_some()
+    }
+
+    pub(super) fn fatal(&mut self, why: &str) {
+        // A failed fsync of the Raft log: what was acknowledged may be lost. Fail-stop.
+        tracing::error!("fatal: {why}; stopping");
+        std::process::exit(crate::cli::EXIT_STORE.into());
+    }
+
+    pub(super) fn raft_log_path(&self) -> std::path::PathBuf {
+        self.dir.path.join("raft.redb")
+    }
+
+    /// Resumes cluster membership from disk, or starts a pending join.
+    pub(super) fn start_cluster(&mut self) -> Result<(), String> {
+        let path = self.raft_log_path();
+        if path.exists() {
+            let log = RedbLog::open(&path)?;
+            if let Some(b) = log.get_meta("followed_state")?
+                && let Ok(s) = ClusterState::decode(&b)
+            {
+                self.followed = s;
+            }
+            let raft_id =
+                log.get_meta("raft_id")?.and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+            self.raft_meta = Some(RedbLog::open_shared(&log));
+            if let Some(id) = raft_id {
+                self.start_core(id, log, Vec::new())?;
+            }
+        }
+        if !self.config.cluster.join.is_empty() && !self.is_cluster_member() {
+            let token = TokenText::parse(&self.config.cluster.join)?;
+            for a in &token.addrs {
+                if let Ok(ma) = a.parse::<Multiaddr>()
+                    && let Some(libp2p::multiaddr::Protocol::P2p(p)) = ma.iter().last()
+                {
+                    self.bootstrap.push((p, ma.clone()));
+                    self.members.write().expect("members lock").insert(p);
+                }
+            }
+            self.joining = Some(token);
+        }
+        self.refresh_members();
+        Ok(())
+    }
+
+    pub(super) fn is_cluster_member(&self) -> bool {
+        self.cluster_state().members.contains_key(&self.me.to_bytes())
+    }
+
+    pub(super) fn start_core(
+        &mut self,
+        id: u64,
+        log: RedbLog,
+        bootstrap: Vec<u64>,
+    ) -> Result<(), String> {
+        let config = mycel_consensus::Config {
+            id,
+            tick_ms: self.config.cluster.tick_ms,
+            election_ticks: self.config.cluster.election_ticks,
+            heartbeat_ticks: 1,
+            seed: u64::from_le_bytes(
+                self.me.to_bytes()[self.me.to_bytes().len() - 8..].try_into().expect("8"),
+            ),
+            snapshot_entries: 10_000,
+            grace_ms: self.config.cluster.grace_ms,
+            ..mycel_consensus::Config::default()
+        };
+        let core = Core::new(config, log, bootstrap, mycel_consensus::Timestamp(self.ts().0))
+            .map_err(|e| e.to_string())?;
+        tracing::info!(raft_id = id, "consensus core started");
+        self.core = Some(core);
+        // Managers let joiners connect; their protocols refuse non-members.
+        self.policy.write().expect("gate lock").open = true;
+        Ok(())
+    }
+
+    pub(super) fn cluster_init(&mut self, reply: oneshot::Sender<Result<String, String>>) {
+        if self.core.is_some() || self.in_cluster() || self.is_cluster_member() {
+            let _ = reply.send(Err("this node is already in a cluster".into()));
+            return;
+        }
+        let log = match RedbLog::open(&self.raft_log_path()) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if let Err(e) = log.set_meta("raft_id", &1u64.to_le_bytes()) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        self.raft_meta = Some(RedbLog::open_shared(&log));
+        if let Err(e) = self.start_core(1, log, vec![1]) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        if let Some(core) = self.core.as_mut() {
+            core.campaign();
+        }
+        let mut cluster_id = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut cluster_id);
+        let me = self.my_member(Role::Manager);
+        let (tx, rx) = oneshot::channel();
+        self.propose(vec![CCommand::InitCluster { cluster_id }, CCommand::AddMember(me)], tx);
+        let hexid: String = cluster_id.iter().map(|b| format!("{b:02x}")).collect();
+        tokio::spawn(async move {
+            let r = match rx.await {
+                Ok(Ok((_, Outcome::Applied))) => Ok(hexid),
+                Ok(Ok((_, Outcome::Rejected(why)))) => Err(why),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err("the daemon stopped".into()),
+            };
+            let _ = reply.send(r);
+        });
+    }
+
+    pub(super) fn my_member(&self, role: Role) -> Member {
+        Member {
+            peer: self.me.to_bytes(),
+            raft_id: 0,
+            role,
+            zone: self.config.node.zone.clone(),
+            tags: self.config.cluster.tags.clone(),
+            capacity_bytes: 0,
+            addrs: self.id_info().listen_addrs,
+        }
+    }
+
+    pub(super) fn token_create(
+        &mut self,
+        role: Role,
+        zone: String,
+        ttl_s: u64,
+        uses: u32,
+        reply: oneshot::Sender<Result<serde_json::Value, String>>,
+    ) {
+        let Some(cluster_id) = self.cluster_state().cluster_id else {
+            let _ = reply.send(Err(
+                "this node is not in a cluster (run `mycel cluster init` on the first manager)"
+                    .into(),
+            ));
+            return;
+        };
+        let mut secret = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+        let hash = *blake3::hash(&secret).as_bytes();
+        let expires_ms = unix_ms() + ttl_s * 1000;
+        let zone = if zone.is_empty() { self.config.node.zone.clone() } else { zone };
+        let mut addrs: Vec<String> = self
+            .cluster_state()
+            .members
+            .values()
+            .filter(|m| m.role == Role::Manager)
+            .flat_map(|m| m.addrs.iter().take(2).cloned())
+            .collect();
+        if addrs.is_empty() {
+            addrs = self.id_info().listen_addrs;
+        }
+        let token = TokenText { secret, cluster_id, addrs }.render();
+        let (tx, rx) = oneshot::channel();
+        self.propose(
+            vec![CCommand::CreateToken { hash, role, zone: zone.clone(), expires_ms, uses }],
+            tx,
+        );
+        let hash_hex: String = hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        tokio::spawn(async move {
+            let r = match rx.await {
+                Ok(Ok((_, Outcome::Applied))) => {
+                    Ok(serde_json::json!({"token": token, "id": hash_hex,
+                    "role": role.as_str(), "zone": zone, "expires_ms": expires_ms, "uses": uses}))
+                }
+                Ok(Ok((_, Outcome::Rejected(why)))) => Err(why),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err("the daemon stopped".into()),
+            };
+            let _ = reply.send(r);
+        });
+    }
+
+    /// Proposes commands: directly if this node leads, else to the leader (or any manager,
+    /// which answers with who leads). Retried until applied; (PeerId, seq) deduplicates.
+    pub(super) fn propose(&mut self, commands: Vec<CCommand>, reply: cluster::ProposeReply) {
+        let seq = self.proposals.next_seq(unix_ms());
+        let bytes = cluster::proposal(&self.me, seq, commands);
+        self.proposals.local.insert(seq, reply);
+        self.send_proposal(seq, bytes);
+    }
+
+    pub(super) fn send_proposal(&mut self, seq: u64, bytes: Vec<u8>) {
+        if let Some(core) = self.core.as_mut() {
+            match core.propose(bytes.clone()) {
+                Ok(()) => return,
+                Err(mycel_consensus::ProposeError::NotLeader(_)) => {}
+                Err(e) => {
+                    if let Some(w) = self.proposals.local.remove(&seq) {
+                        let _ = w.send(Err(e.to_string()));
+                    }
+                    return;
+                }
+            }
+        }
+        let req = self.next_req;
+        self.next_req += 1;
+        self.proposals.forwarded.insert(req, (seq, bytes.clone()));
+        self.forwarded_at.insert(req, Instant::now());
+        if let Some(target) = self.proposal_target() {
+            let link = self.clink(target);
+            link.send(ClusterFrame::Propose { req, proposal: bytes });
+        }
+    }
+
+    /// Whom to send a proposal: the leader if known, else a connected manager, else a
+    /// bootstrap peer.
+    pub(super) fn proposal_target(&self) -> Option<PeerId> {
+        let state = self.cluster_state();
+        if let Some(core) = &self.core
+            && let Some(m) = state.member_by_raft_id(core.leader())
+            && let Ok(p) = PeerId::from_bytes(&m.peer)
+            && p != self.me
+        {
+            return Some(p);
+        }
+        let managers: Vec<PeerId> = state
+            .members
+            .values()
+            .filter(|m| m.role == Role::Manager)
+            .filter_map(|m| PeerId::from_bytes(&m.peer).ok())
+            .filter(|p| *p != self.me && self.connected.contains_key(p))
+            .collect();
+        if !managers.is_empty() {
+            let i = self.rotate.get();
+            self.rotate.set(i.wrapping_add(1));
+            return Some(managers[i % managers.len()]);
+        }
+        self.bootstrap.iter().map(|(p, _)| *p).find(|p| self.connected.contains_key(p))
+    }
+
+    pub(super) fn clink(&mut self, peer: PeerId) -> cluster::Link {
+        if let Some(l) = self.clinks.get(&peer)
+            && !l.is_closed()
+        {
+            return l.clone();
+        }
+        let l = cluster::spawn_link(self.control.clone(), peer, self.cluster_tx.clone());
+        self.clinks.insert(peer, l.clone());
+        l
+    }
+
+    pub(super) fn resolve_local(&mut self, seq: u64, result: Result<(u64, Outcome), String>) {
+        if let Some(w) = self.proposals.local.remove(&seq) {
+            let _ = w.send(result);
+        }
+        let reqs: Vec<u64> = self
+            .proposals
+            .forwarded
+            .iter()
+            .filter(|(_, (s, _))| *s == seq)
+            .map(|(r, _)| *r)
+            .collect();
+        for r in reqs {
+            self.proposals.forwarded.remove(&r);
+            self.forwarded_at.remove(&r);
+        }
+    }
+
+    pub(super) fn on_cluster(&mut self, inbound: cluster::Inbound) {
+        let cluster::Inbound { peer, frame, reply } = inbound;
+        let member = self.is_member(&peer);
+        match frame {
+            ClusterFrame::Raft { msg, from } => {
+                if !member {
+                    tracing::debug!(%peer, from, "raft message from a non-member dropped");
+                    return;
+                }
+                self.raft_peers.insert(from, peer);
+                if let Some(core) = self.core.as_mut()
+                    && let Err(e) = core.step(&msg)
+                {
+                    self.fatal(&e.to_string());
+                }
+            }
+            ClusterFrame::Propose { req, proposal } => {
+                let Ok(p) = mycel_consensus::command::Proposal::decode(&proposal) else { return };
+                let join_only =
+                    p.commands.len() == 1 && matches!(p.commands[0], CCommand::Join { .. });
+                let refusal = if !member && !join_only {
+                    Some("not a member")
+                } else if p.from != peer.to_bytes() {
+                    Some("proposal signed for another node")
+                } else {
+                    None
+                };
+                if let Some(reason) = refusal {
+                    let _ = reply.try_send(ClusterFrame::Proposed {
+                        req,
+                        index: 0,
+                        applied: false,
+                        reason: reason.into(),
+                    });
+                    return;
+                }
+                let leader = match self.core.as_mut() {
+                    Some(core) => match core.propose(proposal) {
+                        Ok(()) => {
+                            self.proposals.remote.insert((p.from, p.seq), (req, reply));
+                            return;
+                        }
+                        Err(_) => core.leader(),
+                    },
+                    None => 0,
+                };
+                let leader_peer = self
+                    .cluster_state()
+                    .member_by_raft_id(leader)
+                    .map(|m| m.peer.clone())
+                    .unwrap_or_default();
+                let _ = reply.try_send(ClusterFrame::NotLeader { req, leader: leader_peer });
+            }
+            ClusterFrame::Proposed { req, index, applied, reason } => {
+                if let Some((seq, _)) = self.proposals.forwarded.get(&req).cloned() {
+                    let outcome =
+                        if applied { Outcome::Applied } else { Outcome::Rejected(reason) };
+                    self.resolve_local(seq, Ok((index, outcome)));
+                }
+            }
+            ClusterFrame::NotLeader { req, leader } => {
+                let Some((_, bytes)) = self.proposals.forwarded.get(&req).cloned() else { return };
+                if let Ok(l) = PeerId::from_bytes(&leader)
+                    && l != peer
+                {
+                    self.forwarded_at.insert(req, Instant::now());
+                    let link = self.clink(l);
+                    link.send(ClusterFrame::Propose { req, proposal: bytes });
+                }
+                // Otherwise the retry timer tries again once a leader is known.
+            }
+            ClusterFrame::RttReport { from, mean_rtt_ms } => {
+                let now = mycel_consensus::Timestamp(self.ts().0);
+                if member && let Some(core) = self.core.as_mut() {
+                    core.handle_rtt_report(from, mean_rtt_ms, now);
+                }
+            }
+            ClusterFrame::Follow { since } => {
+                if !member {
+                    tracing::debug!(%peer, "follow request from a non-member ignored");
+                    return;
+                }
+                // Deltas from the log when it still holds them; the whole state otherwise.
+                let deltas = self
+                    .core
+                    .as_ref()
+                    .filter(|_| since > 0)
+                    .and_then(|c| c.applied_entries_since(since, FOLLOW_DELTA_BYTES))
+                    .filter(|e| !e.is_empty());
+                let state = self.cluster_state();
+                let frame = if let Some(entries) = deltas {
+                    ClusterFrame::Entries { entries }
+                } else if state.applied_index > since && state.cluster_id.is_some() {
+                    ClusterFrame::State { applied: state.applied_index, state: state.encode() }
+                } else {
+                    ClusterFrame::State { applied: state.applied_index, state: Vec::new() }
+                };
+                let _ = reply.try_send(frame);
+            }
+            ClusterFrame::Entries { entries } => {
+                let next = self.followed.applied_index + 1;
+                if self.core.is_some() || entries.first().is_none_or(|e| e.0 != next) {
+                    return;
+                }
+                if entries.windows(2).any(|w| w[1].0 != w[0].0 + 1) {
+                    tracing::warn!(%peer, "follow entries out of order: ignored");
+                    return;
+                }
+                for (index, data) in &entries {
+                    self.followed.apply(*index, data);
+                }
+                if self.followed_saved.elapsed() >= Duration::from_secs(5)
+                    && let Some(meta) = &self.raft_meta
+                {
+                    self.followed_saved = Instant::now();
+                    let _ = meta.set_meta("followed_state", &self.followed.encode());
+                }
+                self.on_state_changed();
+            }
+            ClusterFrame::TopologyReport { reports } => {
+                self.on_topology_report(peer, member, reports);
+            }
+            ClusterFrame::State { applied, state } => {
+                if self.core.is_some() || state.is_empty() || applied <= self.followed.applied_index
+                {
+                    return;
+                }
+                if let Ok(s) = ClusterState::decode(&state) {
+                    self.followed = s;
+                    if let Some(meta) = &self.raft_meta {
+                        let _ = meta.set_meta("followed_state", &state);
+                    }
+                    self.on_state_changed();
+                }
+            }
+        }
+    }
+
+    /// Members changed: update the gate, and start the core if this node became a manager.
+    pub(super) fn on_state_changed(&mut self) {
+        self.refresh_members();
+        if self.core.is_none()
+            && let Some(me) = self.cluster_state().members.get(&self.me.to_bytes()).cloned()
+        {
+            self.joining = None;
+            if me.role == Role::Manager {
+                // The log file may already be open for the followed state: share it.
+                let opened = match &self.raft_meta {
+                    Some(meta) => Ok(RedbLog::open_shared(meta)),
+                    None => RedbLog::open(&self.raft_log_path()),
+                }
+                .and_then(|log| {
+                    log.set_meta("raft_id", &me.raft_id.to_le_bytes())?;
+                    Ok(log)
+                });
+                match opened.and_then(|log| {
+                    if self.raft_meta.is_none() {
+                        self.raft_meta = Some(RedbLog::open_shared(&log));
+                    }
+                    self.start_core(me.raft_id, log, Vec::new())
+                }) {
+                    Ok(()) => {}
+                    Err(e) => tracing::error!("starting the consensus core: {e}"),
+                }
+            } else if self.raft_meta.is_none() {
+                match RedbLog::open(&self.raft_log_path()) {
+                    Ok(log) => self.raft_meta = Some(log),
+                    Err(e) => tracing::warn!("opening the cluster log: {e}"),
+                }
+                if let Some(meta) = &self.raft_meta {
+                    let _ = meta.set_meta("followed_state", &self.followed.encode());
+                }
+            }
+        }
+    }
+
+    /// The gate follows the committed members (plus the static list), and removed members
+    /// are refused.
+    pub(super) fn refresh_members(&mut self) {
+        let mut new = parse_members(&self.config, self.me).unwrap_or_default();
+        new.extend(cluster::member_peers(self.cluster_state()));
+        if let Some(t) = &self.joining {
+            for a in &t.addrs {
+                if let Ok(ma) = a.parse::<Multiaddr>()
+                    && let Some(libp2p::multiaddr::Protocol::P2p(p)) = ma.iter().last()
+                {
+                    new.insert(p);
+                }
+            }
+        }
+        let old = self.members.read().expect("members lock").clone();
+        self.apply_members(new, &old);
+        let access = Access::new(self.cluster_state().clone(), self.in_cluster());
+        *self.access.write().expect("access lock") = Arc::new(access);
+        // Hear every zone's announcements: placement spans zones.
+        let zones: BTreeSet<String> =
+            self.cluster_state().members.values().map(|m| m.zone.clone()).collect();
+        for z in zones {
+            if !self.zones.contains(&z) {
+                let topic = net::announce_topic(&z);
+                if self.swarm.behaviour_mut().gossipsub.subscribe(&topic).is_ok() {
+                    self.zones.insert(z);
+                }
+            }
+        }
+        let removed: Vec<PeerId> = self
+            .cluster_state()
+            .removed
+            .iter()
+            .filter_map(|b| PeerId::from_bytes(b).ok())
+            .collect();
+        for p in removed {
+            self.policy.write().expect("gate lock").blocked.insert(p);
+            if self.connected.contains_key(&p) {
+                let _ = self.swarm.disconnect_peer_id(p);
+            }
+        }
+        // Learn members' addresses, so Raft messages and fetches can reach them.
+        let addrs: Vec<(PeerId, Vec<String>)> = self
+            .cluster_state()
+            .members
+            .values()
+            .filter_map(|m| PeerId::from_bytes(&m.peer).ok().map(|p| (p, m.addrs.clone())))
+            .collect();
+        for (p, list) in addrs {
+            if p == self.me {
+                continue;
+            }
+            for a in list {
+                if let Ok(ma) = a.parse::<Multiaddr>() {
+                    self.swarm.add_peer_address(p, ma.clone());
+                    self.learn_addr(p, &ma, mycel_core::addrs::Source::Committed);
+                }
+            }
+        }
+        // Removed members' addresses are forgotten.
+        let members = self.members.read().expect("members lock").clone();
+        self.book.retain(|p| net::libp2p_peer(p).is_some_and(|p| members.contains(&p)));
+    }
+
+    pub(super) fn apply_members(&mut self, new: BTreeSet<PeerId>, old: &BTreeSet<PeerId>) {
+        *self.members.write().expect("members lock") = new.clone();
+        let open = {
+            let mut policy = self.policy.write().expect("gate lock");
+            policy.allowed = new.clone();
+            policy.open
+        };
+        for p in old.difference(&new) {
+            if !open {
+                let _ = self.swarm.disconnect_peer_id(*p);
+            }
+        }
+    }
+
+    pub(super) fn cluster_housekeeping(&mut self) {
+        let now = Instant::now();
+        // Retry forwarded proposals (dedup by (PeerId, seq) makes this safe).
+        let stale: Vec<u64> = self
+            .forwarded_at
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) > Duration::from_millis(1500))
+            .map(|(r, _)| *r)
+            .collect();
+        for req in stale {
+            let Some((seq, bytes)) = self.proposals.forwarded.remove(&req) else {
+                self.forwarded_at.remove(&req);
+                continue;
+            };
+            self.forwarded_at.remove(&req);
+            self.send_proposal(seq, bytes);
+        }
+        if now < self.next_follow {
+            return;
+        }
+        self.next_follow = now + Duration::from_millis(500);
+        // Stay connected to every manager (Raft needs manager-to-manager links; members need
+        // a manager to follow).
+        let managers: Vec<PeerId> = self
+            .cluster_state()
+            .members
+            .values()
+            .filter(|m| m.role == Role::Manager && !m.addrs.is_empty())
+            .filter_map(|m| PeerId::from_bytes(&m.peer).ok())
+            .filter(|p| *p != self.me && !self.connected.contains_key(p))
+            .collect();
+        for p in managers {
+            self.dial_member(p);
+        }
+        // A pending join: present the token.
+        if let Some(token) = self.joining.clone()
+            && self.proposals.local.is_empty()
+            && now >= self.next_join
+            && let Some(target) = self.proposal_target()
+        {
+            self.next_join = now + Duration::from_secs(5);
+            let _ = target;
+            let (tx, rx) = oneshot::channel();
+            let me = self.my_member(Role::Edge);
+            self.propose(
+                vec![CCommand::Join {
+                    secret: token.secret,
+                    peer: me.peer,
+                    addrs: me.addrs,
+                    tags: me.tags,
+                    capacity_bytes: 0,
+                    now_ms: unix_ms(),
+                }],
+                tx,
+            );
+            tokio::spawn(async move {
+                match rx.await {
+                    Ok(Ok((_, Outcome::Applied))) => {
+                        tracing::info!("joined the cluster; following")
+                    }
+                    Ok(Ok((_, Outcome::Rejected(why)))) => tracing::error!("join refused: {why}"),
+                    Ok(Err(e)) => tracing::warn!("join: {e}"),
+                    Err(_) => {}
+                }
+            });
+        }
+        // Keep the committed addresses current (a restart on another port).
+        if let Some(mine) = self.cluster_state().members.get(&self.me.to_bytes()).cloned() {
+            let now_addrs = self.id_info().listen_addrs;
+            if !now_addrs.is_empty() && mine.addrs != now_addrs && self.proposals.local.is_empty() {
+                let (tx, _rx) = oneshot::channel();
+                self.propose(
+                    vec![CCommand::UpdateMember {
+                        peer: mine.peer,
+                        addrs: now_addrs,
+                        tags: mine.tags,
+                        capacity_bytes: mine.capacity_bytes,
+                    }],
+                    tx,
+                );
+            }
+        }
+        // Members that are not managers follow the configuration: ask every connected
+        // manager (a dead one whose connection has not timed out yet must not stall them),
+        // and keep the newest answer.
+        if self.core.is_none() && (self.in_cluster() || self.joining.is_some()) {
+            let since = self.followed.applied_index;
+            let mut targets: Vec<PeerId> = self
+                .cluster_state()
+                .members
+                .values()
+                .filter(|m| m.role == Role::Manager)
+                .filter_map(|m| PeerId::from_bytes(&m.peer).ok())
+                .filter(|p| *p != self.me && self.connected.contains_key(p))
+                .collect();
+            // Knowing no manager yet: every connected bootstrap peer (one that has not caught
+            // up on this node's join ignores the request, and asking only the first one could
+            // wait on it for as long as it lags).
+            if targets.is_empty() {
+                targets = self
+                    .bootstrap
+                    .iter()
+                    .map(|(p, _)| *p)
+                    .filter(|p| *p != self.me && self.connected.contains_key(p))
+                    .collect();
+            }
+            if targets.is_empty()
+                && let Some(t) = self.proposal_target()
+            {
+                targets.push(t);
+            }
+            // No answer for a while: the streams may be wedged; open fresh ones.
+            if self.follow_answered.elapsed() > Duration::from_secs(3) {
+                for t in &targets {
+                    self.clinks.remove(t);
+                }
+                self.follow_answered = Instant::now();
+            }
+            for target in targets {
+                let link = self.clink(target);
+                link.send(ClusterFrame::Follow { since });
+            }
+        }
+    }
+
+    pub(super) fn drive_cluster(&mut self) {
+        // A fatal error inside a call that returns none (a proposal's sync failing): stop.
+        if let Some(e) = self.core.as_ref().and_then(Core::failed).cloned() {
+            self.fatal(&e.to_string());
+            return;
+        }
+        let mut changed = false;
+        while let Some(out) = self.core.as_mut().and_then(Core::poll_output) {
+            match out {
+                COutput::Send { to, msg } => {
+                    let peer = self
+                        .cluster_state()
+                        .member_by_raft_id(to)
+                        .or_else(|| self.followed.member_by_raft_id(to))
+                        .and_then(|m| PeerId::from_bytes(&m.peer).ok())
+                        .or_else(|| self.raft_peers.get(&to).copied());
+                    let from = self.core.as_ref().map_or(0, Core::id);
+                    match peer {
+                        Some(p) if p != self.me => {
+                            let link = self.clink(p);
+                            if !link.send(ClusterFrame::Raft { from, msg }) {
+                                self.clinks.remove(&p);
+                                if let Some(core) = self.core.as_mut() {
+                                    core.report_unreachable(to);
+                                }
+                            }
+                        }
+                        _ => {
+                            tracing::debug!(to, "no peer known for raft id");
+                            if let Some(core) = self.core.as_mut() {
+                                core.report_unreachable(to);
+                            }
+                        }
+                    }
+                }
+                COutput::Applied { index, from, seq, outcome } => {
+                    changed = true;
+                    if from == self.me.to_bytes() {
+                        self.resolve_local(seq, Ok((index, outcome.clone())));
+                    }
+                    if let Some((req, reply)) = self.proposals.remote.remove(&(from, seq)) {
+                        let (applied, reason) = match &outcome {
+                            Outcome::Applied => (true, String::new()),
+                            Outcome::Rejected(r) => (false, r.clone()),
+                        };
+                        let _ =
+                            reply.try_send(ClusterFrame::Proposed { req, index, applied, reason });
+                    }
+                }
+                COutput::RoleChanged { term, leader, leading } => {
+                    tracing::info!(term, leader, leading, "raft role changed");
+                    changed = true;
+                }
+                COutput::Propose(commands) => {
+                    tracing::info!(?commands, "the quorum core proposes");
+                    // A decision of the leader's core (replace a lost manager): proposed under
+                    // this node's identity; the outcome is in the log.
+                    let (tx, _rx) = oneshot::channel();
+                    self.propose(commands, tx);
+                }
+                COutput::ReportRtt { to, mean_rtt_ms } => {
+                    let peer = self
+                        .cluster_state()
+                        .member_by_raft_id(to)
+                        .and_then(|m| PeerId::from_bytes(&m.peer).ok());
+                    let from = self.core.as_ref().map_or(0, Core::id);
+                    if let Some(p) = peer.filter(|p| *p != self.me) {
+                        let link = self.clink(p);
+                        link.send(ClusterFrame::RttReport { from, mean_rtt_ms });
+                    }
+                }
+                COutput::ReadReady { ctx, index } => {
+                    if let Some(r) = self.reads.get_mut(&ctx) {
+                        r.0 = index;
+                    }
+                }
+                COutput::StoreBlocks(blocks) => {
+                    let root = blocks.last().map(|b| b.0);
+                    for (cid, bytes) in blocks {
+                        let _ = self.store_tx.send(StoreJob::Block { cid, bytes, place: None });
+                    }
+                    if let Some(root) = root {
+                        let record = RootRecord {
+                            kind: "file".into(),
+                            len: 0,
+                            chunks: 0,
+                            hole_bytes: 0,
+                            added_ms: unix_ms(),
+                            name: "cluster-state".into(),
+                            source: None,
+                        };
+                        let _ = self.store_tx.send(StoreJob::Root { root, record });
+                    }
+                }
+                COutput::NeedState(cid) => {
+                    self.awaiting_state = Some(cid);
+                    let (tx, _rx) = mpsc::channel(1);
+                    self.start_fetch(cid, Some(tx));
+                }
+            }
+        }
+        if changed {
+            self.on_state_changed();
+        }
+        // Serve reads whose index is applied; past 5 s without a quorum, answer locally and
+        // say so.
+        let applied = self.cluster_state().applied_index;
+        let ready: Vec<Vec<u8>> = self
+            .reads
+            .iter()
+            .filter(|(_, (i, t, _))| *i <= applied || t.elapsed() > Duration::from_secs(2))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in ready {
+            if let Some((index, _, reply)) = self.reads.remove(&k) {
+                let mut view = self.cluster_view();
+                if index > applied {
+                    view["stale"] = serde_json::json!(true);
+                }
+                let _ = reply.send(view);
+            }
+        }
+    }
+
+    pub(super) fn cluster_view(&self) -> serde_json::Value {
+        let state = self.cluster_state();
+        let (voters, learners, leader) = match &self.core {
+            Some(c) => {
+                let (v, l) = c.conf();
+                (v, l, c.leader())
+            }
+            None => (Vec::new(), Vec::new(), 0),
+        };
+        let members: Vec<serde_json::Value> = state
+            .members
+            .values()
+            .map(|m| {
+                let peer = PeerId::from_bytes(&m.peer).map(|p| p.to_string()).unwrap_or_default();
+                let raft = if self.core.is_none() {
+                    "unknown"
+                } else if m.raft_id == leader {
+                    "leader"
+                } else if voters.contains(&m.raft_id) {
+                    "voter"
+                } else if learners.contains(&m.raft_id) {
+                    "learner"
+                } else {
+                    "none"
+                };
+                let connected = PeerId::from_bytes(&m.peer).map(|p| p == self.me || self.connected.contains_key(&p)).unwrap_or(false);
+                serde_json::json!({"peer_id": peer, "raft_id": m.raft_id, "role": m.role.as_str(),
+                    "zone": m.zone, "tags": m.tags, "addrs": m.addrs, "raft": raft, "connected": connected})
+            })
+            .collect();
+        let tokens: Vec<serde_json::Value> = state
+            .tokens
+            .iter()
+            .map(|(h, t)| {
+                let id: String = h.iter().take(8).map(|b| format!("{b:02x}")).collect();
+                serde_json::json!({"id": id, "role": t.role.as_str(), "zone": t.zone, "expires_ms": t.expires_ms, "uses": t.uses})
+            })
+            .collect();
+        serde_json::json!({
+            "cluster_id": state.cluster_id.map(|c| c.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+            "applied_index": state.applied_index,
+            "leader": leader,
+            "term": self.core.as_ref().map(Core::term),
+            "this_node": self.me.to_string(),
+            "manager": self.core.is_some(),
+            "members": members,
+            "tokens": tokens,
+            "pins": state.pins.len(),
+        })
+    }
+}

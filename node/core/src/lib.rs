@@ -3,16 +3,20 @@
 //!
 //! - [`access`]: every serving decision: who may read a root, under which namespace, and
 //!   whether a manifest block asked for under a root belongs to its tree.
+//! - [`cluster`]: the frames of `/mycel/cluster/1` and the cluster client: proposals
+//!   proposed locally or forwarded to the leader, redirected, retried, deduplicated by the
+//!   state machine, and answered once applied; a manager's checks on proposals it receives.
 //! - [`addrs`]: the address book: which addresses a node knows for each member, learned
 //!   from every source (configuration, identify, connections, the committed member list),
 //!   kept across restarts, and when to dial each one again (backoff per peer).
 //!
 //! Nothing here touches sockets, files, the clock or OS randomness: drivers pass the time
-//! in ([`Timestamp`]) and carry out what comes back. The rest of a node's logic (the cluster
-//! client, following the configuration, who-has and want routing, the replication worker,
+//! in ([`Timestamp`]) and carry out what comes back. The rest of a node's logic (following
+//! the configuration, who-has and want routing, the replication worker,
 //! router applies) moves here next; `docs/architecture.md` says what is where today.
 
 pub mod access;
 pub mod addrs;
+pub mod cluster;
 
 pub use mycel_base::{PeerId, Timestamp};

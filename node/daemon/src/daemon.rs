@@ -23,7 +23,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::cluster::raftlog::RedbLog;
-use crate::cluster::{self, ClusterFrame, Proposals, TokenText};
+use crate::cluster::{self, ClusterFrame, TokenText};
 use crate::datadir::{DataDir, NodeConfig};
 use crate::live::{self, LiveOutput};
 use crate::metrics::Metrics;
@@ -227,9 +227,10 @@ struct Daemon {
     followed: ClusterState,
     clinks: BTreeMap<PeerId, cluster::Link>,
     cluster_tx: mpsc::Sender<cluster::Inbound>,
-    proposals: Proposals,
-    /// Forwarded proposals: req -> (seq, bytes, sent, target).
-    forwarded_at: BTreeMap<u64, Instant>,
+    /// The node core's cluster client: this node's proposals, and answers to others'.
+    client: mycel_core::cluster::client::Client,
+    /// Who waits for each of this node's proposals, by sequence.
+    proposal_waiters: BTreeMap<u64, cluster::ProposeReply>,
     joining: Option<TokenText>,
     next_follow: Instant,
     awaiting_state: Option<Cid>,
@@ -237,7 +238,7 @@ struct Daemon {
     raft_peers: BTreeMap<u64, PeerId>,
     /// Rotates requests over managers, so a dead one (whose connection has not timed out
     /// yet) does not swallow every follow request and proposal.
-    rotate: std::cell::Cell<usize>,
+    rotate: usize,
     /// When a pending join may be presented again.
     next_join: Instant,
     /// Linearizable reads waiting for their index: ctx -> (index, started, reply).
@@ -377,13 +378,17 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
         followed: ClusterState::default(),
         clinks: BTreeMap::new(),
         cluster_tx,
-        proposals: Proposals::default(),
-        forwarded_at: BTreeMap::new(),
+        client: mycel_core::cluster::client::Client::new(
+            net::core_peer(&me),
+            mycel_core::cluster::client::Config::default(),
+            unix_ms().saturating_mul(1024),
+        ),
+        proposal_waiters: BTreeMap::new(),
         joining: None,
         next_follow: Instant::now(),
         awaiting_state: None,
         raft_peers: BTreeMap::new(),
-        rotate: std::cell::Cell::new(0),
+        rotate: 0,
         next_join: Instant::now(),
         reads: BTreeMap::new(),
         next_read: 0,
@@ -478,6 +483,9 @@ impl Daemon {
         };
         consider(self.announcer.poll_timeout());
         if let Some(t) = self.book.poll_timeout() {
+            consider(t);
+        }
+        if let Some(t) = self.client.poll_timeout() {
             consider(t);
         }
         if let Some(core) = &self.core {

@@ -14,7 +14,7 @@ use std::io::Write as _;
 use std::time::Instant;
 
 use mycel_chunker::Cid;
-use mycel_consensus::command::{Command, Pin};
+use mycel_consensus::command::{Command, Pin, Proposal};
 use mycel_consensus::state::ClusterState;
 
 fn arg(args: &[String], name: &str, default: u64) -> u64 {
@@ -64,7 +64,7 @@ fn snapshot(args: &[String]) {
                 })
             })
             .collect();
-        let data = mycel_node::cluster::proposal(&peer, seq, commands);
+        let data = Proposal { from: peer.to_bytes(), seq, commands }.encode();
         state.apply(index, &data);
         i += k;
         index += 1;

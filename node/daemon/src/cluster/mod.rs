@@ -7,129 +7,19 @@
 
 pub mod raftlog;
 
-use std::collections::BTreeMap;
 use std::io;
 
-use bincode::{Decode, Encode};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::{PeerId, StreamProtocol};
-use mycel_chunker::codec;
-use mycel_consensus::command::{Command, Proposal};
+
 use mycel_consensus::state::{ClusterState, Outcome};
+pub use mycel_core::cluster::wire::{
+    CLUSTER_FRAME_MAX, ClusterFrame, TOPOLOGY_REPORT_TEXT_MAX, TopologyReport,
+};
 use tokio::sync::{mpsc, oneshot};
 
 /// The cluster protocol.
 pub const CLUSTER: StreamProtocol = StreamProtocol::new("/mycel/cluster/1");
-/// Largest cluster frame (a whole state for a following edge).
-pub const CLUSTER_FRAME_MAX: usize = 256 << 20;
-const CLUSTER_FRAME_VERSION: u8 = 1;
-
-/// Frames of `/mycel/cluster/1`.
-#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
-pub enum ClusterFrame {
-    /// A Raft message (protobuf), manager to manager.
-    Raft {
-        /// Sender's Raft id.
-        from: u64,
-        /// The message.
-        msg: Vec<u8>,
-    },
-    /// A proposal for the leader.
-    Propose {
-        /// Request id.
-        req: u64,
-        /// An encoded proposal.
-        proposal: Vec<u8>,
-    },
-    /// The proposal was applied (or rejected) at `index`.
-    Proposed {
-        /// Request id.
-        req: u64,
-        /// Log index.
-        index: u64,
-        /// Whether it applied.
-        applied: bool,
-        /// Why not.
-        reason: String,
-    },
-    /// Not the leader: ask this one (PeerId bytes; empty if unknown).
-    NotLeader {
-        /// Request id.
-        req: u64,
-        /// The leader's PeerId bytes.
-        leader: Vec<u8>,
-    },
-    /// A manager's mean round-trip time to the other members, for the leader's preference.
-    RttReport {
-        /// Sender's Raft id.
-        from: u64,
-        /// Mean round trip in ms.
-        mean_rtt_ms: u64,
-    },
-    /// Asks for the configuration if it is newer than `since`.
-    Follow {
-        /// The follower's applied index.
-        since: u64,
-    },
-    /// The configuration (empty: nothing newer).
-    State {
-        /// Its applied index.
-        applied: u64,
-        /// The encoded state.
-        state: Vec<u8>,
-    },
-    /// The entries applied after the follower's index, in order (configuration changes with
-    /// empty data): the follower applies them to reach the manager's state.
-    Entries {
-        /// `(index, proposal bytes)`.
-        entries: Vec<(u64, Vec<u8>)>,
-    },
-    /// A router's topology results, one per watched name, sent to managers periodically
-    /// (a lost frame is replaced by the next one).
-    TopologyReport {
-        /// At most [`mycel_consensus::topology::NAMES_MAX`] entries.
-        reports: Vec<TopologyReport>,
-    },
-}
-
-/// What a router last did for one topology name (see `docs/topology.md`).
-#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
-pub struct TopologyReport {
-    /// Topology name.
-    pub name: String,
-    /// The activation (or canary start) index handled.
-    pub activation_index: u64,
-    /// The version of that activation.
-    pub version: u64,
-    /// The version the router's file holds (0: none).
-    pub applied_version: u64,
-    /// The file is in place and the hook succeeded (or nothing needed doing).
-    pub applied: bool,
-    /// `applied`, `unchanged`, `hook failed`, `interrupted` or `error`.
-    pub status: String,
-    /// The hook's output tail or the error (at most [`TOPOLOGY_REPORT_TEXT_MAX`] bytes).
-    pub error: String,
-    /// `in sync`, `changed`, `missing`, or empty when unknown.
-    pub drift: String,
-    /// The version waiting for activation (the latest, staged or in its canary phase) if
-    /// this router holds it completely, else 0. Gossip says the same, but a restarted
-    /// router's announcements can be ignored for a while; this report cannot.
-    pub holding: u64,
-}
-
-/// Longest text in a [`TopologyReport`].
-pub const TOPOLOGY_REPORT_TEXT_MAX: usize = 1024;
-
-impl ClusterFrame {
-    /// Length-prefixed encoding.
-    pub fn encode(&self) -> Vec<u8> {
-        let body = codec::encode_limited::<_, CLUSTER_FRAME_MAX>(CLUSTER_FRAME_VERSION, self);
-        let mut out = (body.len() as u32).to_le_bytes().to_vec();
-        out.extend_from_slice(&body);
-        out
-    }
-}
-
 /// Reads one frame; `Ok(None)` at a clean end.
 ///
 /// # Errors
@@ -143,15 +33,11 @@ pub async fn read_frame<R: futures::AsyncRead + Unpin>(
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
-    let len = u32::from_le_bytes(prefix) as usize;
-    if len == 0 || len > CLUSTER_FRAME_MAX + 1 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "cluster frame size out of bounds"));
-    }
+    let len = ClusterFrame::check_len(prefix)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
-    codec::decode_limited::<_, CLUSTER_FRAME_MAX>(CLUSTER_FRAME_VERSION, &body)
-        .map(Some)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    ClusterFrame::decode(&body).map(Some).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Writes one frame.
@@ -310,32 +196,6 @@ impl TokenText {
 
 /// The result of a proposal, for the API.
 pub type ProposeReply = oneshot::Sender<Result<(u64, Outcome), String>>;
-
-/// Proposal bookkeeping: sequence numbers that increase across restarts, and who waits.
-#[derive(Debug, Default)]
-pub struct Proposals {
-    last_seq: u64,
-    /// Local waiters by sequence.
-    pub local: BTreeMap<u64, ProposeReply>,
-    /// Proposals this node's loop forwarded, by request id: (sequence, encoded proposal).
-    pub forwarded: BTreeMap<u64, (u64, Vec<u8>)>,
-    /// Remote proposers waiting for an apply on this leader: (from, seq) -> (req, reply stream).
-    pub remote: BTreeMap<(Vec<u8>, u64), (u64, mpsc::Sender<ClusterFrame>)>,
-}
-
-impl Proposals {
-    /// The next sequence: milliseconds since the epoch times 1024, kept increasing, so a
-    /// restarted node never reuses one.
-    pub fn next_seq(&mut self, now_ms: u64) -> u64 {
-        self.last_seq = (now_ms.saturating_mul(1024)).max(self.last_seq + 1);
-        self.last_seq
-    }
-}
-
-/// Encodes a proposal from `peer`.
-pub fn proposal(peer: &PeerId, seq: u64, commands: Vec<Command>) -> Vec<u8> {
-    Proposal { from: peer.to_bytes(), seq, commands }.encode()
-}
 
 /// Members' PeerIds from a state.
 pub fn member_peers(state: &ClusterState) -> Vec<PeerId> {

@@ -3,6 +3,7 @@
 //! the committed members.
 
 use super::*;
+use mycel_core::cluster::client::{Output as ClientOutput, Targets};
 
 /// Most bytes of log entries in one follow answer (the follower asks again for the rest).
 pub(super) const FOLLOW_DELTA_BYTES: u64 = 8 << 20;
@@ -200,62 +201,63 @@ impl Daemon {
         });
     }
 
-    /// Proposes commands: directly if this node leads, else to the leader (or any manager,
-    /// which answers with who leads). Retried until applied; (PeerId, seq) deduplicates.
+    /// Proposes commands through the node core's cluster client (to this node's consensus
+    /// core when it leads, else forwarded); `reply` hears the outcome.
     pub(super) fn propose(&mut self, commands: Vec<CCommand>, reply: cluster::ProposeReply) {
-        let seq = self.proposals.next_seq(unix_ms());
-        let bytes = cluster::proposal(&self.me, seq, commands);
-        self.proposals.local.insert(seq, reply);
-        self.send_proposal(seq, bytes);
+        let targets = self.targets();
+        let now = self.ts();
+        let seq = self.client.propose(commands, self.core.as_mut(), &targets, now);
+        self.proposal_waiters.insert(seq, reply);
+        self.drain_client();
     }
 
-    pub(super) fn send_proposal(&mut self, seq: u64, bytes: Vec<u8>) {
-        if let Some(core) = self.core.as_mut() {
-            match core.propose(bytes.clone()) {
-                Ok(()) => return,
-                Err(mycel_consensus::ProposeError::NotLeader(_)) => {}
-                Err(e) => {
-                    if let Some(w) = self.proposals.local.remove(&seq) {
-                        let _ = w.send(Err(e.to_string()));
-                    }
-                    return;
-                }
-            }
-        }
-        let req = self.next_req;
-        self.next_req += 1;
-        self.proposals.forwarded.insert(req, (seq, bytes.clone()));
-        self.forwarded_at.insert(req, Instant::now());
-        if let Some(target) = self.proposal_target() {
-            let link = self.clink(target);
-            link.send(ClusterFrame::Propose { req, proposal: bytes });
-        }
-    }
-
-    /// Whom to send a proposal: the leader if known, else a connected manager, else a
-    /// bootstrap peer.
-    pub(super) fn proposal_target(&self) -> Option<PeerId> {
+    /// Whom proposals and follow requests can go to now.
+    pub(super) fn targets(&self) -> Targets {
+        let me = net::core_peer(&self.me);
         let state = self.cluster_state();
-        if let Some(core) = &self.core
-            && let Some(m) = state.member_by_raft_id(core.leader())
-            && let Ok(p) = PeerId::from_bytes(&m.peer)
-            && p != self.me
-        {
-            return Some(p);
-        }
-        let managers: Vec<PeerId> = state
+        let leader =
+            self.core.as_ref().and_then(|core| Targets::leader_in(state, core.leader(), &me));
+        let connected = |p: &&PeerId| **p != self.me && self.connected.contains_key(p);
+        let managers = state
             .members
             .values()
             .filter(|m| m.role == Role::Manager)
             .filter_map(|m| PeerId::from_bytes(&m.peer).ok())
-            .filter(|p| *p != self.me && self.connected.contains_key(p))
+            .filter(|p| connected(&p))
+            .map(|p| net::core_peer(&p))
             .collect();
-        if !managers.is_empty() {
-            let i = self.rotate.get();
-            self.rotate.set(i.wrapping_add(1));
-            return Some(managers[i % managers.len()]);
+        let bootstrap =
+            self.bootstrap.iter().map(|(p, _)| p).filter(connected).map(net::core_peer).collect();
+        Targets { leader, managers, bootstrap }
+    }
+
+    /// Whom to ask when one peer is needed: the leader if known, else a connected manager
+    /// (the next each time), else a bootstrap peer.
+    pub(super) fn proposal_target(&mut self) -> Option<PeerId> {
+        let me = net::core_peer(&self.me);
+        self.targets().pick(&me, &mut self.rotate).and_then(|p| net::libp2p_peer(&p))
+    }
+
+    /// Carries out the cluster client's outputs.
+    pub(super) fn drain_client(&mut self) {
+        while let Some(out) = self.client.poll_output() {
+            self.client_output(out);
         }
-        self.bootstrap.iter().map(|(p, _)| *p).find(|p| self.connected.contains_key(p))
+    }
+
+    fn client_output(&mut self, out: ClientOutput) {
+        match out {
+            ClientOutput::Send { to, frame } => {
+                if let Some(p) = net::libp2p_peer(&to) {
+                    self.clink(p).send(frame);
+                }
+            }
+            ClientOutput::Resolved { seq, result } => {
+                if let Some(w) = self.proposal_waiters.remove(&seq) {
+                    let _ = w.send(result.map_err(|e| e.to_string()));
+                }
+            }
+        }
     }
 
     pub(super) fn clink(&mut self, peer: PeerId) -> cluster::Link {
@@ -267,23 +269,6 @@ impl Daemon {
         let l = cluster::spawn_link(self.control.clone(), peer, self.cluster_tx.clone());
         self.clinks.insert(peer, l.clone());
         l
-    }
-
-    pub(super) fn resolve_local(&mut self, seq: u64, result: Result<(u64, Outcome), String>) {
-        if let Some(w) = self.proposals.local.remove(&seq) {
-            let _ = w.send(result);
-        }
-        let reqs: Vec<u64> = self
-            .proposals
-            .forwarded
-            .iter()
-            .filter(|(_, (s, _))| *s == seq)
-            .map(|(r, _)| *r)
-            .collect();
-        for r in reqs {
-            self.proposals.forwarded.remove(&r);
-            self.forwarded_at.remove(&r);
-        }
     }
 
     pub(super) fn on_cluster(&mut self, inbound: cluster::Inbound) {
@@ -303,59 +288,25 @@ impl Daemon {
                 }
             }
             ClusterFrame::Propose { req, proposal } => {
-                let Ok(p) = mycel_consensus::command::Proposal::decode(&proposal) else { return };
-                let join_only =
-                    p.commands.len() == 1 && matches!(p.commands[0], CCommand::Join { .. });
-                let refusal = if !member && !join_only {
-                    Some("not a member")
-                } else if p.from != peer.to_bytes() {
-                    Some("proposal signed for another node")
-                } else {
-                    None
-                };
-                if let Some(reason) = refusal {
-                    let _ = reply.try_send(ClusterFrame::Proposed {
-                        req,
-                        index: 0,
-                        applied: false,
-                        reason: reason.into(),
-                    });
-                    return;
-                }
-                let leader = match self.core.as_mut() {
-                    Some(core) => match core.propose(proposal) {
-                        Ok(()) => {
-                            self.proposals.remote.insert((p.from, p.seq), (req, reply));
-                            return;
+                let from = net::core_peer(&peer);
+                self.client.handle_propose(from, member, req, proposal, self.core.as_mut());
+                // Immediate answers (refusals, NotLeader) go back on the asking stream.
+                while let Some(out) = self.client.poll_output() {
+                    match out {
+                        ClientOutput::Send { to, frame } if to == from => {
+                            let _ = reply.try_send(frame);
                         }
-                        Err(_) => core.leader(),
-                    },
-                    None => 0,
-                };
-                let leader_peer = self
-                    .cluster_state()
-                    .member_by_raft_id(leader)
-                    .map(|m| m.peer.clone())
-                    .unwrap_or_default();
-                let _ = reply.try_send(ClusterFrame::NotLeader { req, leader: leader_peer });
+                        other => self.client_output(other),
+                    }
+                }
             }
             ClusterFrame::Proposed { req, index, applied, reason } => {
-                if let Some((seq, _)) = self.proposals.forwarded.get(&req).cloned() {
-                    let outcome =
-                        if applied { Outcome::Applied } else { Outcome::Rejected(reason) };
-                    self.resolve_local(seq, Ok((index, outcome)));
-                }
+                self.client.handle_proposed(net::core_peer(&peer), req, index, applied, reason);
+                self.drain_client();
             }
             ClusterFrame::NotLeader { req, leader } => {
-                let Some((_, bytes)) = self.proposals.forwarded.get(&req).cloned() else { return };
-                if let Ok(l) = PeerId::from_bytes(&leader)
-                    && l != peer
-                {
-                    self.forwarded_at.insert(req, Instant::now());
-                    let link = self.clink(l);
-                    link.send(ClusterFrame::Propose { req, proposal: bytes });
-                }
-                // Otherwise the retry timer tries again once a leader is known.
+                self.client.handle_not_leader(net::core_peer(&peer), req, &leader);
+                self.drain_client();
             }
             ClusterFrame::RttReport { from, mean_rtt_ms } => {
                 let now = mycel_consensus::Timestamp(self.ts().0);
@@ -542,21 +493,10 @@ impl Daemon {
 
     pub(super) fn cluster_housekeeping(&mut self) {
         let now = Instant::now();
-        // Retry forwarded proposals (dedup by (PeerId, seq) makes this safe).
-        let stale: Vec<u64> = self
-            .forwarded_at
-            .iter()
-            .filter(|(_, t)| now.duration_since(**t) > Duration::from_millis(1500))
-            .map(|(r, _)| *r)
-            .collect();
-        for req in stale {
-            let Some((seq, bytes)) = self.proposals.forwarded.remove(&req) else {
-                self.forwarded_at.remove(&req);
-                continue;
-            };
-            self.forwarded_at.remove(&req);
-            self.send_proposal(seq, bytes);
-        }
+        let targets = self.targets();
+        let ts = self.ts();
+        self.client.handle_timeout(self.core.as_mut(), &targets, ts);
+        self.drain_client();
         if now < self.next_follow {
             return;
         }
@@ -576,7 +516,7 @@ impl Daemon {
         }
         // A pending join: present the token.
         if let Some(token) = self.joining.clone()
-            && self.proposals.local.is_empty()
+            && self.client.pending() == 0
             && now >= self.next_join
             && let Some(target) = self.proposal_target()
         {
@@ -609,7 +549,7 @@ impl Daemon {
         // Keep the committed addresses current (a restart on another port).
         if let Some(mine) = self.cluster_state().members.get(&self.me.to_bytes()).cloned() {
             let now_addrs = self.id_info().listen_addrs;
-            if !now_addrs.is_empty() && mine.addrs != now_addrs && self.proposals.local.is_empty() {
+            if !now_addrs.is_empty() && mine.addrs != now_addrs && self.client.pending() == 0 {
                 let (tx, _rx) = oneshot::channel();
                 self.propose(
                     vec![CCommand::UpdateMember {
@@ -702,17 +642,8 @@ impl Daemon {
                 }
                 COutput::Applied { index, from, seq, outcome } => {
                     changed = true;
-                    if from == self.me.to_bytes() {
-                        self.resolve_local(seq, Ok((index, outcome.clone())));
-                    }
-                    if let Some((req, reply)) = self.proposals.remote.remove(&(from, seq)) {
-                        let (applied, reason) = match &outcome {
-                            Outcome::Applied => (true, String::new()),
-                            Outcome::Rejected(r) => (false, r.clone()),
-                        };
-                        let _ =
-                            reply.try_send(ClusterFrame::Proposed { req, index, applied, reason });
-                    }
+                    self.client.handle_applied(index, &from, seq, &outcome);
+                    self.drain_client();
                 }
                 COutput::RoleChanged { term, leader, leading } => {
                     tracing::info!(term, leader, leading, "raft role changed");

@@ -391,7 +391,7 @@ impl Daemon {
     /// Keeps this member's `topology:NAME` tags equal to its watches.
     fn topology_tags(&mut self) {
         let now = Instant::now();
-        if now < self.topo.next_tags || !self.proposals.local.is_empty() {
+        if now < self.topo.next_tags || self.client.pending() != 0 {
             return;
         }
         let Some(mine) = self.cluster_state().members.get(&self.me.to_bytes()).cloned() else {

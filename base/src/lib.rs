@@ -8,6 +8,9 @@
 //!
 //! No dependencies: nothing here may touch the clock, the network or the filesystem.
 
+#[cfg(feature = "sim-bugs")]
+pub mod bugs;
+
 use std::fmt;
 
 /// Longest peer identity in bytes. libp2p's PeerIds are at most 44 bytes: an identity

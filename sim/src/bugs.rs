@@ -21,8 +21,11 @@ pub const IGNORE_PREPOSITIONS: u32 = 1 << 5;
 /// requester may read.
 pub const SERVE_OUTSIDE_TREE: u32 = 1 << 6;
 
+/// The node core's cluster client takes a manager's "not the leader" answer for an apply.
+pub const ACK_BEFORE_APPLY: u32 = 1 << 7;
+
 /// Every planted bug by name.
-pub const ALL: [(&str, u32); 7] = [
+pub const ALL: [(&str, u32); 8] = [
     ("skip-cid-check", SKIP_CID_CHECK),
     ("ack-before-fsync", ACK_BEFORE_FSYNC),
     ("vote-twice", VOTE_TWICE),
@@ -30,6 +33,7 @@ pub const ALL: [(&str, u32); 7] = [
     ("router-applies-staged", ROUTER_APPLIES_STAGED),
     ("ignore-prepositions", IGNORE_PREPOSITIONS),
     ("serve-outside-tree", SERVE_OUTSIDE_TREE),
+    ("ack-before-apply", ACK_BEFORE_APPLY),
 ];
 
 /// Parses a comma-separated list of bug names.

@@ -37,6 +37,8 @@ fn every_planted_bug_is_caught_within_200_seeds() {
             "router-applies-staged" => "topology-uncommitted",
             "ignore-prepositions" => "preposition-deadline",
             "serve-outside-tree" => "read-grant",
+            // The first proposal settled early is the cluster's init: it never forms.
+            "ack-before-apply" => "liveness:configuration",
             _ => unreachable!(),
         };
         assert!(what.contains(expected), "{name} caught by an unexpected check: {what}");

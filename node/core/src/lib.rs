@@ -17,6 +17,8 @@
 
 pub mod access;
 pub mod addrs;
+#[cfg(feature = "sim-bugs")]
+pub mod bugs;
 pub mod cluster;
 
 pub use mycel_base::{PeerId, Timestamp};

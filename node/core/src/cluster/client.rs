@@ -171,6 +171,11 @@ impl Client {
         seq
     }
 
+    /// The last sequence number handed out (a restarted node's client starts above it).
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
     /// Proposals still unsettled.
     pub fn pending(&self) -> usize {
         self.pending.len()
@@ -194,6 +199,8 @@ impl Client {
                 // Answered when it applies (Output::Applied through `handle_applied`).
                 Ok(()) => return,
                 Err(ProposeError::NotLeader(_)) => {}
+                // raft-rs dropped it (a leader transfer under way): the retry tries again.
+                Err(ProposeError::Dropped(_)) => return,
                 Err(e) => {
                     self.pending.remove(&seq);
                     let result = Err(ProposalError::Refused(e.to_string()));
@@ -267,6 +274,12 @@ impl Client {
     /// A `NotLeader` answer from `from` naming `leader`: the proposal goes there now.
     pub fn handle_not_leader(&mut self, from: PeerId, req: u64, leader: &[u8]) {
         let Some(seq) = self.answered(from, req) else { return };
+        #[cfg(feature = "sim-bugs")]
+        if crate::bugs::on(crate::bugs::ACK_BEFORE_APPLY) {
+            self.pending.remove(&seq);
+            self.out.push_back(Output::Resolved { seq, result: Ok((0, Outcome::Applied)) });
+            return;
+        }
         let leader = PeerId::from_bytes(leader).filter(|l| *l != from && *l != self.me);
         let Some(to) = leader else {
             // No leader known there: the retry timer tries again.

@@ -36,6 +36,7 @@ use mycel_consensus::command::{Command as CCommand, Member, Role};
 use mycel_consensus::state::{ClusterState, Outcome};
 use mycel_consensus::{Core, Output as COutput};
 use mycel_core::access::Access;
+use mycel_core::cluster::follow::{self, Config as FollowConfig, Follower};
 
 mod commands;
 mod dial;
@@ -224,7 +225,7 @@ struct Daemon {
     /// The Raft log's meta table (Raft id, followed state), when in a cluster.
     raft_meta: Option<RedbLog>,
     /// The configuration as followed from managers (members that are not managers).
-    followed: ClusterState,
+    follower: Follower,
     clinks: BTreeMap<PeerId, cluster::Link>,
     cluster_tx: mpsc::Sender<cluster::Inbound>,
     /// The node core's cluster client: this node's proposals, and answers to others'.
@@ -375,7 +376,7 @@ pub async fn run(dir: DataDir, opts: RunOptions) -> Result<(), DaemonError> {
         next_housekeeping: Instant::now(),
         core: None,
         raft_meta: None,
-        followed: ClusterState::default(),
+        follower: Follower::new(ClusterState::default(), FollowConfig::default()),
         clinks: BTreeMap::new(),
         cluster_tx,
         client: mycel_core::cluster::client::Client::new(

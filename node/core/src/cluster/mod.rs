@@ -3,4 +3,5 @@
 //! proposals on a manager.
 
 pub mod client;
+pub mod follow;
 pub mod wire;

@@ -5,17 +5,14 @@
 use super::*;
 use mycel_core::cluster::client::{Output as ClientOutput, Targets};
 
-/// Most bytes of log entries in one follow answer (the follower asks again for the rest).
-pub(super) const FOLLOW_DELTA_BYTES: u64 = 8 << 20;
-
 impl Daemon {
     /// The committed configuration this node knows.
     pub(super) fn cluster_state(&self) -> &ClusterState {
         // A new manager's log starts empty: until it catches up, the configuration it
         // followed as a member is the newer one.
         match &self.core {
-            Some(c) if c.state().applied_index >= self.followed.applied_index => c.state(),
-            _ => &self.followed,
+            Some(c) if c.state().applied_index >= self.follower.state().applied_index => c.state(),
+            _ => self.follower.state(),
         }
     }
 
@@ -41,7 +38,7 @@ impl Daemon {
             if let Some(b) = log.get_meta("followed_state")?
                 && let Ok(s) = ClusterState::decode(&b)
             {
-                self.followed = s;
+                self.follower = Follower::new(s, FollowConfig::default());
             }
             let raft_id =
                 log.get_meta("raft_id")?.and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
@@ -319,57 +316,46 @@ impl Daemon {
                     tracing::debug!(%peer, "follow request from a non-member ignored");
                     return;
                 }
-                // Deltas from the log when it still holds them; the whole state otherwise.
-                let deltas = self
-                    .core
-                    .as_ref()
-                    .filter(|_| since > 0)
-                    .and_then(|c| c.applied_entries_since(since, FOLLOW_DELTA_BYTES))
-                    .filter(|e| !e.is_empty());
-                let state = self.cluster_state();
-                let frame = if let Some(entries) = deltas {
-                    ClusterFrame::Entries { entries }
-                } else if state.applied_index > since && state.cluster_id.is_some() {
-                    ClusterFrame::State { applied: state.applied_index, state: state.encode() }
-                } else {
-                    ClusterFrame::State { applied: state.applied_index, state: Vec::new() }
-                };
+                let config = FollowConfig::default();
+                let frame =
+                    follow::answer(self.core.as_ref(), self.cluster_state(), since, &config);
                 let _ = reply.try_send(frame);
             }
             ClusterFrame::Entries { entries } => {
-                let next = self.followed.applied_index + 1;
-                if self.core.is_some() || entries.first().is_none_or(|e| e.0 != next) {
+                if self.core.is_some() {
                     return;
                 }
-                if entries.windows(2).any(|w| w[1].0 != w[0].0 + 1) {
-                    tracing::warn!(%peer, "follow entries out of order: ignored");
-                    return;
+                match self.follower.handle_entries(&net::core_peer(&peer), &entries) {
+                    Ok(true) => {
+                        if self.followed_saved.elapsed() >= Duration::from_secs(5)
+                            && let Some(meta) = &self.raft_meta
+                        {
+                            self.followed_saved = Instant::now();
+                            let _ =
+                                meta.set_meta("followed_state", &self.follower.state().encode());
+                        }
+                        self.on_state_changed();
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::debug!(%peer, "follow entries refused: {e}"),
                 }
-                for (index, data) in &entries {
-                    self.followed.apply(*index, data);
-                }
-                if self.followed_saved.elapsed() >= Duration::from_secs(5)
-                    && let Some(meta) = &self.raft_meta
-                {
-                    self.followed_saved = Instant::now();
-                    let _ = meta.set_meta("followed_state", &self.followed.encode());
-                }
-                self.on_state_changed();
             }
             ClusterFrame::TopologyReport { reports } => {
                 self.on_topology_report(peer, member, reports);
             }
             ClusterFrame::State { applied, state } => {
-                if self.core.is_some() || state.is_empty() || applied <= self.followed.applied_index
-                {
+                if self.core.is_some() {
                     return;
                 }
-                if let Ok(s) = ClusterState::decode(&state) {
-                    self.followed = s;
-                    if let Some(meta) = &self.raft_meta {
-                        let _ = meta.set_meta("followed_state", &state);
+                match self.follower.handle_state(&net::core_peer(&peer), applied, &state) {
+                    Ok(true) => {
+                        if let Some(meta) = &self.raft_meta {
+                            let _ = meta.set_meta("followed_state", &state);
+                        }
+                        self.on_state_changed();
                     }
-                    self.on_state_changed();
+                    Ok(false) => {}
+                    Err(e) => tracing::debug!(%peer, "follow state refused: {e}"),
                 }
             }
         }
@@ -407,7 +393,7 @@ impl Daemon {
                     Err(e) => tracing::warn!("opening the cluster log: {e}"),
                 }
                 if let Some(meta) = &self.raft_meta {
-                    let _ = meta.set_meta("followed_state", &self.followed.encode());
+                    let _ = meta.set_meta("followed_state", &self.follower.state().encode());
                 }
             }
         }
@@ -566,7 +552,6 @@ impl Daemon {
         // manager (a dead one whose connection has not timed out yet must not stall them),
         // and keep the newest answer.
         if self.core.is_none() && (self.in_cluster() || self.joining.is_some()) {
-            let since = self.followed.applied_index;
             let mut targets: Vec<PeerId> = self
                 .cluster_state()
                 .members
@@ -598,9 +583,12 @@ impl Daemon {
                 }
                 self.follow_answered = Instant::now();
             }
-            for target in targets {
-                let link = self.clink(target);
-                link.send(ClusterFrame::Follow { since });
+            let targets: Vec<mycel_core::PeerId> = targets.iter().map(net::core_peer).collect();
+            let ts = self.ts();
+            for (to, frame) in self.follower.poll_requests(ts, &targets) {
+                if let Some(p) = net::libp2p_peer(&to) {
+                    self.clink(p).send(frame);
+                }
             }
         }
     }
@@ -618,7 +606,7 @@ impl Daemon {
                     let peer = self
                         .cluster_state()
                         .member_by_raft_id(to)
-                        .or_else(|| self.followed.member_by_raft_id(to))
+                        .or_else(|| self.follower.state().member_by_raft_id(to))
                         .and_then(|m| PeerId::from_bytes(&m.peer).ok())
                         .or_else(|| self.raft_peers.get(&to).copied());
                     let from = self.core.as_ref().map_or(0, Core::id);

@@ -736,10 +736,10 @@ impl Daemon {
         }
         let now = mycel_consensus::Timestamp(self.ts().0);
         let batches = {
-            let Daemon { core, followed, topo, .. } = self;
+            let Daemon { core, follower, topo, .. } = self;
             let state = match core {
-                Some(c) if c.state().applied_index >= followed.applied_index => c.state(),
-                _ => &*followed,
+                Some(c) if c.state().applied_index >= follower.state().applied_index => c.state(),
+                _ => follower.state(),
             };
             topo.decider.poll(state, now)
         };

@@ -24,8 +24,12 @@ pub const SERVE_OUTSIDE_TREE: u32 = 1 << 6;
 /// The node core's cluster client takes a manager's "not the leader" answer for an apply.
 pub const ACK_BEFORE_APPLY: u32 = 1 << 7;
 
+/// The node core's follower skips an entry of each answer (its configuration drifts from
+/// the managers' at the same index).
+pub const FOLLOW_SKIPS_ENTRY: u32 = 1 << 8;
+
 /// Every planted bug by name.
-pub const ALL: [(&str, u32); 8] = [
+pub const ALL: [(&str, u32); 9] = [
     ("skip-cid-check", SKIP_CID_CHECK),
     ("ack-before-fsync", ACK_BEFORE_FSYNC),
     ("vote-twice", VOTE_TWICE),
@@ -34,6 +38,7 @@ pub const ALL: [(&str, u32); 8] = [
     ("ignore-prepositions", IGNORE_PREPOSITIONS),
     ("serve-outside-tree", SERVE_OUTSIDE_TREE),
     ("ack-before-apply", ACK_BEFORE_APPLY),
+    ("follow-skips-entry", FOLLOW_SKIPS_ENTRY),
 ];
 
 /// Parses a comma-separated list of bug names.

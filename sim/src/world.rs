@@ -28,6 +28,7 @@ use mycel_core::access::{self as core_access, Refusal};
 use mycel_core::cluster::client::{
     Client, Config as ClientConfig, Output as ClientOutput, Targets,
 };
+use mycel_core::cluster::follow::{self, Config as FollowConfig, Follower};
 use mycel_core::cluster::wire::ClusterFrame;
 use mycel_policy::access;
 use mycel_policy::placement::Candidate;
@@ -57,10 +58,14 @@ const ELECTION_TICKS: usize = 10;
 const ELECTION_MS: u64 = TICK_MS * ELECTION_TICKS as u64;
 /// Housekeeping period of every node (config pulls, pings, retries, expiry).
 const HOUSEKEEPING_MS: u64 = 1_000;
-/// Decoded configurations kept for sharing.
-const STATE_CACHE_MAX: usize = 64;
-/// Housekeeping rounds between configuration pulls.
-const PULL_EVERY: u64 = 2;
+/// How simulated nodes follow the configuration: the daemon's follower, asking one manager
+/// (the next each round) every two seconds, so a fleet of a thousand stays cheap to simulate.
+const FOLLOW: FollowConfig = FollowConfig {
+    period_ms: 2_000,
+    answer_window_ms: 5_000,
+    entries_bytes_max: 8 << 20,
+    fanout: 1,
+};
 /// Extra delay of a stream frame whose packet was lost (QUIC retransmits).
 const RETRANSMIT_MS: u64 = 200;
 /// Curious fetches give up after this long.
@@ -163,7 +168,8 @@ struct Node {
     backend: MemBackend,
     core: Option<Core<MemBackend>>,
     restarts: u64,
-    followed: Rc<ClusterState>,
+    /// The configuration as followed (by log deltas) from managers.
+    follower: Follower,
     store: BTreeMap<Cid, Rc<[u8]>>,
     /// Blocks written since the store's last sync (lost or torn by a crash).
     unsynced: BTreeSet<Cid>,
@@ -187,7 +193,6 @@ struct Node {
     /// The node core's cluster client.
     client: Client,
     up_busy_us: u64,
-    encoded: Option<(u64, Rc<Vec<u8>>)>,
     /// Peers disconnected for misbehaving, until this local time.
     banned: BTreeMap<PeerId, u64>,
     /// A router's applied topology and reports.
@@ -218,8 +223,8 @@ impl std::fmt::Debug for Node {
 impl Node {
     fn view(&self) -> &ClusterState {
         match &self.core {
-            Some(c) if c.state().applied_index >= self.followed.applied_index => c.state(),
-            _ => self.followed.as_ref(),
+            Some(c) if c.state().applied_index >= self.follower.state().applied_index => c.state(),
+            _ => self.follower.state(),
         }
     }
 
@@ -254,10 +259,6 @@ enum Msg {
     Raft(Vec<u8>),
     /// A `/mycel/cluster/1` frame (length prefix included), decoded on arrival.
     Cluster(Vec<u8>),
-    Pull {
-        have: u64,
-    },
-    Push(Rc<Vec<u8>>),
     Ping(u64),
     Pong(u64),
     Report(u64),
@@ -274,7 +275,6 @@ impl Msg {
     fn len(&self) -> usize {
         match self {
             Msg::Raft(b) | Msg::Cluster(b) => b.len(),
-            Msg::Push(b) => b.len(),
             Msg::Frame { bytes, .. } => bytes.len(),
             _ => 16,
         }
@@ -284,8 +284,6 @@ impl Msg {
         match self {
             Msg::Raft(_) => 1,
             Msg::Cluster(_) => 2,
-            Msg::Pull { .. } => 4,
-            Msg::Push(_) => 5,
             Msg::Ping(_) => 6,
             Msg::Pong(_) => 7,
             Msg::Report(_) => 8,
@@ -412,8 +410,6 @@ pub struct World {
     /// The operator's `cluster init` proposal, and whether it was applied.
     init: Vec<Command>,
     initialised: bool,
-    /// Decoded configurations by the address of their encoded buffer.
-    states: BTreeMap<usize, (Rc<Vec<u8>>, Rc<ClusterState>)>,
     checker: Checker,
     /// Placement draws, shared by every simulated planner (a plan is the same with or
     /// without them; only the hashing is saved).
@@ -508,6 +504,9 @@ fn set_bugs(bugs: u32) {
     }
     if bugs & b::ACK_BEFORE_APPLY != 0 {
         word |= mycel_core::bugs::ACK_BEFORE_APPLY;
+    }
+    if bugs & b::FOLLOW_SKIPS_ENTRY != 0 {
+        word |= mycel_core::bugs::FOLLOW_SKIPS_ENTRY;
     }
     mycel_core::bugs::set(word);
     let mut cons = 0;
@@ -604,7 +603,7 @@ impl World {
                 backend: MemBackend::new(),
                 core: None,
                 restarts: 0,
-                followed: Rc::new(ClusterState::default()),
+                follower: Follower::new(ClusterState::default(), FOLLOW),
                 store: BTreeMap::new(),
                 unsynced: BTreeSet::new(),
                 recovering: BTreeSet::new(),
@@ -629,7 +628,6 @@ impl World {
                 outstanding: None,
                 client: Client::new(peer, ClientConfig::default(), 0),
                 up_busy_us: 0,
-                encoded: None,
                 banned: BTreeMap::new(),
                 router: routers::RouterState::default(),
                 decider: None,
@@ -667,7 +665,6 @@ impl World {
             plans: (0, 0),
             init: Vec::new(),
             initialised: false,
-            states: BTreeMap::new(),
             checker: Checker::default(),
             scores: mycel_policy::placement::ScoreCache::default(),
             trace: blake3::Hasher::new(),
@@ -987,7 +984,7 @@ impl World {
                     self.trace.update(b);
                 }
                 self.record("deliver", from as u64, to as u64);
-                let core = !matches!(msg, Msg::Pull { .. } | Msg::Push(_) | Msg::Ping(_));
+                let core = !matches!(msg, Msg::Ping(_));
                 self.on_message(from, to, msg);
                 self.after_step(to, core);
             }
@@ -1195,8 +1192,6 @@ impl World {
                 Msg::Raft(b) => Some(Msg::Raft(b.clone())),
                 Msg::Cluster(b) => Some(Msg::Cluster(b.clone())),
                 Msg::Ping(t) => Some(Msg::Ping(*t)),
-                Msg::Pull { have } => Some(Msg::Pull { have: *have }),
-                Msg::Push(b) => Some(Msg::Push(b.clone())),
                 _ => None,
             };
             if let Some(c) = copy {
@@ -1285,12 +1280,13 @@ impl World {
         if n.kind == Kind::Outsider {
             return;
         }
-        // Follow the committed configuration from a manager, every few seconds.
-        let managers = self.manager_nodes(i);
-        let pull = (local / HOUSEKEEPING_MS).is_multiple_of(PULL_EVERY);
-        if let Some(&m) = managers.choose(&mut self.rng).filter(|_| pull) {
-            let have = self.nodes[i].followed.applied_index;
-            self.send(i, m, Msg::Pull { have });
+        // Follow the committed configuration from the managers, as the daemon does.
+        let managers: Vec<PeerId> =
+            self.manager_nodes(i).into_iter().map(|j| self.nodes[j].peer).collect();
+        for (to, frame) in self.nodes[i].follower.poll_requests(Timestamp(local), &managers) {
+            if let Some(&j) = self.by_peer.get(&to) {
+                self.send(i, j, Msg::Cluster(frame.encode()));
+            }
         }
         // An edge the configuration made a manager starts its consensus core (it waits to
         // be added by the leader); the core then follows the log.
@@ -1435,8 +1431,24 @@ impl World {
             ClusterFrame::NotLeader { req, leader } => {
                 n.client.handle_not_leader(peer, req, &leader);
             }
-            // The simulator carries Raft messages, following and reports as messages of
-            // their own (yet).
+            ClusterFrame::Follow { since } => {
+                if !member {
+                    return;
+                }
+                let frame = follow::answer(n.core.as_ref(), n.view(), since, &FOLLOW);
+                self.send(to, from, Msg::Cluster(frame.encode()));
+                return;
+            }
+            ClusterFrame::Entries { entries } => {
+                // Refusals (an answer nobody asked for, a gap) change nothing.
+                let _ = n.follower.handle_entries(&peer, &entries);
+                return;
+            }
+            ClusterFrame::State { applied, state } => {
+                let _ = n.follower.handle_state(&peer, applied, &state);
+                return;
+            }
+            // The simulator carries Raft messages and reports as messages of their own (yet).
             _ => {}
         }
         self.drain_client(to);
@@ -1702,29 +1714,6 @@ impl World {
                 }
             }
             Msg::Cluster(bytes) => self.on_cluster_frame(from, to, &bytes),
-            Msg::Pull { have } => {
-                let Some(c) = &self.nodes[to].core else { return };
-                let index = c.state().applied_index;
-                if index <= have {
-                    return;
-                }
-                let bytes = match &self.nodes[to].encoded {
-                    Some((at, b)) if *at == index => b.clone(),
-                    _ => {
-                        let b = Rc::new(c.state().encode());
-                        self.nodes[to].encoded = Some((index, b.clone()));
-                        b
-                    }
-                };
-                self.send(to, from, Msg::Push(bytes));
-            }
-            Msg::Push(bytes) => {
-                if let Some(s) = self.decode_state(&bytes)
-                    && s.applied_index > self.nodes[to].followed.applied_index
-                {
-                    self.nodes[to].followed = s;
-                }
-            }
             Msg::Ping(t) => self.send(to, from, Msg::Pong(t)),
             Msg::Pong(t) => {
                 let rtt = local.saturating_sub(t);
@@ -1751,20 +1740,6 @@ impl World {
     /// Decodes a pushed configuration. Every push of one manager's encoding at one index
     /// shares one buffer; it is decoded once and the edges that receive it share the result
     /// (1,000 edges holding 1,000-member states each would otherwise take a gigabyte).
-    fn decode_state(&mut self, bytes: &Rc<Vec<u8>>) -> Option<Rc<ClusterState>> {
-        let key = Rc::as_ptr(bytes) as usize;
-        if let Some((_, s)) = self.states.get(&key) {
-            return Some(s.clone());
-        }
-        let s = Rc::new(ClusterState::decode(bytes).ok()?);
-        if self.states.len() >= STATE_CACHE_MAX {
-            self.states.clear();
-        }
-        // The cache holds the buffer, so its address cannot be reused while cached.
-        self.states.insert(key, (bytes.clone(), s.clone()));
-        Some(s)
-    }
-
     fn is_member(&self, at: usize, who: usize) -> bool {
         self.nodes[at].view().members.contains_key(self.nodes[who].peer.as_bytes())
     }
@@ -2495,7 +2470,9 @@ impl World {
         n.proposals.clear();
         // Volatile: a restarted node's client starts over, above the sequences it used.
         n.client = Client::new(n.peer, ClientConfig::default(), n.client.last_seq());
-        n.encoded = None;
+        // The followed state is on disk (the daemon saves it); who was asked is not.
+        let followed = n.follower.state().clone();
+        n.follower = Follower::new(followed, FOLLOW);
         n.banned.clear();
         n.timer_at = u64::MAX;
         n.paused_until = 0;
@@ -2911,28 +2888,35 @@ impl World {
                 );
             }
         }
-        // Equal applied indexes, equal states.
+        // Equal applied indexes, equal states: managers' cores, and every member's followed
+        // configuration (reached by log deltas) against them.
         let mut digests: BTreeMap<u64, ([u8; 32], usize)> = BTreeMap::new();
-        for j in 0..self.members {
-            let Some(c) = self.nodes[j].core.as_ref().filter(|_| self.nodes[j].live()) else {
-                continue;
-            };
-            let s = c.state();
+        let cores = (0..self.members).filter_map(|j| {
+            let n = &self.nodes[j];
+            n.core.as_ref().filter(|_| n.live()).map(|c| (j, c.state()))
+        });
+        let followed = (0..self.members)
+            .filter(|&j| self.nodes[j].live() && self.nodes[j].kind != Kind::Outsider)
+            .map(|j| (j, self.nodes[j].follower.state()))
+            .filter(|(_, s)| s.applied_index > 0);
+        let states: Vec<(usize, &ClusterState)> = cores.chain(followed).collect();
+        let mut disagree = Vec::new();
+        for (j, s) in states {
             let d = s.digest();
             match digests.get(&s.applied_index) {
-                Some((other, k)) if *other != d => {
-                    let (k, idx) = (*k, s.applied_index);
-                    self.checker.fail(
-                        now,
-                        "safety:state-agreement",
-                        format!("nodes {k} and {j} differ at applied index {idx}"),
-                    );
-                }
+                Some((other, k)) if *other != d => disagree.push((*k, j, s.applied_index)),
                 Some(_) => {}
                 None => {
                     digests.insert(s.applied_index, (d, j));
                 }
             }
+        }
+        for (k, j, idx) in disagree {
+            self.checker.fail(
+                now,
+                "safety:state-agreement",
+                format!("nodes {k} and {j} differ at applied index {idx}"),
+            );
         }
         // Every acknowledged pin is recoverable from some node's disk.
         let pins: Vec<Cid> = self.acked_pins.iter().copied().collect();

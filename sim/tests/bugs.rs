@@ -37,11 +37,17 @@ fn every_planted_bug_is_caught_within_200_seeds() {
             "router-applies-staged" => "topology-uncommitted",
             "ignore-prepositions" => "preposition-deadline",
             "serve-outside-tree" => "read-grant",
-            // The first proposal settled early is the cluster's init: it never forms.
-            "ack-before-apply" => "liveness:configuration",
+            // A proposal settled early is never applied; when it is the cluster's init, the
+            // cluster never forms.
+            "ack-before-apply" => "acknowledged-lost|liveness:configuration",
+            // A follower without a pin entry also misses pre-positioning it.
+            "follow-skips-entry" => "state-agreement|preposition-deadline",
             _ => unreachable!(),
         };
-        assert!(what.contains(expected), "{name} caught by an unexpected check: {what}");
+        assert!(
+            expected.split('|').any(|e| what.contains(e)),
+            "{name} caught by an unexpected check: {what}"
+        );
     }
 }
 

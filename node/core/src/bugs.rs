@@ -6,3 +6,6 @@ pub use mycel_base::bugs::{on, set};
 /// The cluster client settles a forwarded proposal as applied when a manager answers that
 /// it does not lead, before anything reached the log.
 pub const ACK_BEFORE_APPLY: u32 = 1 << 8;
+
+/// The follower skips the second entry of every answer (advancing its index as if applied).
+pub const FOLLOW_SKIPS_ENTRY: u32 = 1 << 9;

@@ -32,11 +32,19 @@ pub struct Config {
     pub answer_window_ms: u64,
     /// Most bytes of entries in one answer.
     pub entries_bytes_max: u64,
+    /// Targets asked per round, the next ones each round (the daemon asks every connected
+    /// manager, so a dead one whose connection has not timed out cannot stall it).
+    pub fanout: usize,
 }
 
 impl Default for Config {
     fn default() -> Config {
-        Config { period_ms: 500, answer_window_ms: 5_000, entries_bytes_max: 8 << 20 }
+        Config {
+            period_ms: 500,
+            answer_window_ms: 5_000,
+            entries_bytes_max: 8 << 20,
+            fanout: usize::MAX,
+        }
     }
 }
 
@@ -71,13 +79,16 @@ pub struct Follower {
     /// Peers asked, with when.
     asked: BTreeMap<PeerId, Timestamp>,
     next_at: Timestamp,
+    /// Where the next round's targets start.
+    rotate: usize,
 }
 
 impl Follower {
     /// A follower starting from `state` (what it saved last time, or the default).
     pub fn new(state: ClusterState, config: Config) -> Follower {
         assert!(config.period_ms > 0, "period_ms must be positive");
-        Follower { config, state, asked: BTreeMap::new(), next_at: Timestamp(0) }
+        assert!(config.fanout > 0, "fanout must be positive");
+        Follower { config, state, asked: BTreeMap::new(), next_at: Timestamp(0), rotate: 0 }
     }
 
     /// The configuration as followed.
@@ -90,8 +101,8 @@ impl Follower {
         self.next_at
     }
 
-    /// The follow requests due at `now`, one to each of `targets` (the connected managers,
-    /// or the bootstrap peers while no manager is known).
+    /// The follow requests due at `now`, to [`Config::fanout`] of `targets` (the connected
+    /// managers, or the bootstrap peers while no manager is known), the next ones each round.
     pub fn poll_requests(
         &mut self,
         now: Timestamp,
@@ -104,11 +115,15 @@ impl Follower {
         let window = self.config.answer_window_ms;
         self.asked.retain(|_, at| now.since(*at) <= window);
         let since = self.state.applied_index;
-        targets
-            .iter()
-            .map(|p| {
-                self.asked.insert(*p, now);
-                (*p, ClusterFrame::Follow { since })
+        let n = targets.len();
+        let take = self.config.fanout.min(n);
+        let start = if n == 0 { 0 } else { self.rotate % n };
+        self.rotate = self.rotate.wrapping_add(take);
+        (0..take)
+            .map(|k| {
+                let p = targets[(start + k) % n];
+                self.asked.insert(p, now);
+                (p, ClusterFrame::Follow { since })
             })
             .collect()
     }
@@ -154,7 +169,14 @@ impl Follower {
         if entries.windows(2).any(|w| w[1].0 != w[0].0 + 1) {
             return Err(FollowError::OutOfOrder);
         }
-        for (index, data) in entries {
+        for (k, (index, data)) in entries.iter().enumerate() {
+            #[cfg(feature = "sim-bugs")]
+            if k == 1 && crate::bugs::on(crate::bugs::FOLLOW_SKIPS_ENTRY) {
+                // Planted: the second entry of an answer counts as applied, unapplied.
+                self.state.apply(*index, &[]);
+                continue;
+            }
+            let _ = k;
             self.state.apply(*index, data);
         }
         Ok(true)
@@ -282,6 +304,19 @@ mod tests {
         assert_eq!(f.handle_entries(&m, &log), Ok(true));
         assert_eq!(f.state(), &managers_state(3));
         assert_eq!(f.handle_entries(&m, &log), Ok(false));
+    }
+
+    /// With a fanout of one, each round asks the next target.
+    #[test]
+    fn rounds_rotate_over_targets() {
+        let (a, b) = (peer(1), peer(2));
+        let config = Config { period_ms: 100, fanout: 1, ..Config::default() };
+        let mut f = Follower::new(ClusterState::default(), config);
+        let first = f.poll_requests(Timestamp(0), &[a, b]);
+        let second = f.poll_requests(Timestamp(100), &[a, b]);
+        assert_eq!((first.len(), second.len()), (1, 1));
+        assert_ne!(first[0].0, second[0].0);
+        assert!(f.poll_requests(Timestamp(200), &[]).is_empty());
     }
 
     /// A whole state is taken only when newer and well-formed; the manager's answer is

@@ -166,3 +166,16 @@ done
 echo "  new leader $NEW"
 on $ALIVE cluster token create --role edge >/dev/null && echo "  a new change committed"
 on e2 cluster members
+
+say "restart the edge killed earlier: it reconnects from the addresses it kept, edges it was never introduced to included"
+MYCEL_DATA_DIR="$WORK/$VICTIM" "$M" run > "$WORK/$VICTIM-again.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do on "$VICTIM" id --json 2>/dev/null | grep -q quic && break; sleep 0.1; done
+names() { for n in m1 m2 m3 e1 e2 e3; do echo "$(on $n id --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["peer_id"])') $n"; done; }
+NAMES=$(names 2>/dev/null)
+connected_edges() { on "$VICTIM" peers --json | python3 -c '
+import json, sys
+names = dict(l.split() for l in sys.argv[1].splitlines() if len(l.split()) == 2)
+print(" ".join(sorted(names[p["peer_id"]] for p in json.load(sys.stdin) if names.get(p["peer_id"], "m").startswith("e"))))' "$NAMES"; }
+for _ in $(seq 150); do [ -n "$(connected_edges)" ] && break; sleep 0.2; done
+echo "  $VICTIM kept $(stat -c %s "$WORK/$VICTIM/peers" 2>/dev/null || echo 0) bytes of addresses; connected again to edges: $(connected_edges)"

@@ -182,31 +182,16 @@ impl LogBackend for MemBackend {
     }
 }
 
-/// Planted bugs (feature `sim-bugs`, simulator only): runtime switches that break the
-/// in-memory backend on purpose so the simulator's checkers can prove they fail. Switches
-/// are per thread, so a sweep running seeds on several threads keeps them apart.
+/// Planted bugs of the in-memory backend (feature `sim-bugs`, simulator only): its switches
+/// in the shared word of [`mycel_base::bugs`] (bits 4 and up).
 #[cfg(feature = "sim-bugs")]
 pub mod bugs {
-    use std::cell::Cell;
+    pub use mycel_base::bugs::{on, set};
 
     /// [`super::MemBackend::sync`] acknowledges a batch before it is durable.
-    pub const ACK_BEFORE_FSYNC: u32 = 1 << 0;
+    pub const ACK_BEFORE_FSYNC: u32 = 1 << 4;
     /// [`super::MemBackend`] forgets the persisted vote on restart (votes twice in a term).
-    pub const FORGET_VOTE: u32 = 1 << 1;
-
-    thread_local! {
-        static SWITCHES: Cell<u32> = const { Cell::new(0) };
-    }
-
-    /// Sets the switches of this thread (a bitwise or of the constants above).
-    pub fn set(switches: u32) {
-        SWITCHES.with(|s| s.set(switches));
-    }
-
-    /// Whether `switch` is on in this thread.
-    pub fn on(switch: u32) -> bool {
-        SWITCHES.with(|s| s.get() & switch != 0)
-    }
+    pub const FORGET_VOTE: u32 = 1 << 5;
 }
 
 /// Encodes a log entry (protobuf, raft-rs's own codec) for a backend.

@@ -508,15 +508,14 @@ fn set_bugs(bugs: u32) {
     if bugs & b::FOLLOW_SKIPS_ENTRY != 0 {
         word |= mycel_core::bugs::FOLLOW_SKIPS_ENTRY;
     }
-    mycel_core::bugs::set(word);
-    let mut cons = 0;
     if bugs & b::ACK_BEFORE_FSYNC != 0 {
-        cons |= mycel_consensus::log::bugs::ACK_BEFORE_FSYNC;
+        word |= mycel_consensus::log::bugs::ACK_BEFORE_FSYNC;
     }
     if bugs & b::VOTE_TWICE != 0 {
-        cons |= mycel_consensus::log::bugs::FORGET_VOTE;
+        word |= mycel_consensus::log::bugs::FORGET_VOTE;
     }
-    mycel_consensus::log::bugs::set(cons);
+    // One word for every core's switches (each core owns its bits).
+    mycel_core::bugs::set(word);
 }
 
 #[cfg(not(feature = "sim-bugs"))]

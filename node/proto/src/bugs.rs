@@ -1,5 +1,5 @@
 //! Planted bugs of the data plane (feature `sim-bugs`, simulator only): its switches in the
-//! shared word of [`mycel_base::bugs`].
+//! shared word of [`mycel_base::bugs`] (bits 0 to 3).
 
 pub use mycel_base::bugs::{on, set};
 

@@ -3,7 +3,8 @@
 # content addressing at work on generated data: dedup, an incremental change, a sparse disk
 # image, a topology file in three formats, verify, and byte-exact restores; then a local mesh:
 # managers, edges and routers on loopback, pins, replication surviving a killed edge, a
-# pre-position, a topology change activated and rolled back, and a killed Raft leader.
+# pre-position, a topology change activated and rolled back, a killed Raft leader, and a
+# killed edge that finds its peers again from the addresses it kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p mycel-node --bin mycel
@@ -121,7 +122,7 @@ BEFORE=$(replicas "$ROOT")
 for n in e1 e2 e3; do
     case " $BEFORE " in *" $(on $n id --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["peer_id"][-6:])') "*) VICTIM=$n; break ;; esac
 done
-eval "kill -9 \$PID_$VICTIM"; echo "  killed $VICTIM (replicas were on: $BEFORE)"
+eval "kill -9 \$PID_$VICTIM; wait \$PID_$VICTIM 2>/dev/null || true"; echo "  killed $VICTIM (replicas were on: $BEFORE)"
 for _ in $(seq 600); do R=$(replicas "$ROOT"); [ "$(echo "$R" | wc -w)" = 2 ] && [ "$R" != "$BEFORE" ] && break; sleep 0.2; done
 echo "  replicas now on: $(replicas "$ROOT")"
 
@@ -157,7 +158,7 @@ on m1 topology history backbone
 say "kill -9 the Raft leader: the others elect a new one and keep committing"
 LEADER=$(on m1 cluster members --json | python3 -c 'import json,sys; v=json.load(sys.stdin); print([m["peer_id"] for m in v["members"] if m["raft"]=="leader"][0])')
 for n in m1 m2 m3; do [ "$(on $n id --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["peer_id"])')" = "$LEADER" ] && DEAD=$n; done
-eval "kill -9 \$PID_$DEAD"; echo "  killed $DEAD"
+eval "kill -9 \$PID_$DEAD; wait \$PID_$DEAD 2>/dev/null || true"; echo "  killed $DEAD"
 ALIVE=m1; [ "$DEAD" = m1 ] && ALIVE=m2
 for _ in $(seq 100); do
     NEW=$(on $ALIVE cluster members --json | python3 -c 'import json,sys; v=json.load(sys.stdin); print(([m["peer_id"] for m in v["members"] if m["raft"]=="leader"] or [""])[0])')

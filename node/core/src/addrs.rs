@@ -122,22 +122,22 @@ impl Book {
         Book { config, peers: BTreeMap::new() }
     }
 
-    /// Learns `addr` for `peer`. Too long or empty addresses are ignored, as are new peers
-    /// past [`Config::peers_max`].
-    pub fn learn(&mut self, peer: PeerId, addr: &str, source: Source) {
+    /// Learns `addr` for `peer`; whether the book changed (what to save). Too long or empty
+    /// addresses are ignored, as are new peers past [`Config::peers_max`].
+    pub fn learn(&mut self, peer: PeerId, addr: &str, source: Source) -> bool {
         if addr.is_empty() || addr.len() > ADDR_BYTES_MAX {
-            return;
+            return false;
         }
         if !self.peers.contains_key(&peer) && self.peers.len() >= self.config.peers_max {
-            return;
+            return false;
         }
         let max = self.config.addrs_per_peer_max;
         let e = self.peers.entry(peer).or_default();
         e.bootstrap |= source == Source::Config;
         if let Some(at) = e.addrs.iter().position(|a| a == addr) {
             // Configured and committed addresses do not displace what was seen working.
-            if source < Source::Reported {
-                return;
+            if source < Source::Reported || at == 0 {
+                return false;
             }
             e.addrs.remove(at);
         }
@@ -147,14 +147,14 @@ impl Book {
             e.addrs.insert(0, addr.to_owned());
         }
         e.addrs.truncate(max);
+        // (A configured address pushed past the bound is dropped again: no change then.)
+        e.addrs.iter().any(|a| a == addr)
     }
 
     /// A connection to `peer` is up (at `addr`, when we dialled it): no redials while it
-    /// lasts, and the backoff starts over.
-    pub fn connected(&mut self, peer: PeerId, addr: Option<&str>) {
-        if let Some(a) = addr {
-            self.learn(peer, a, Source::Connected);
-        }
+    /// lasts, and the backoff starts over. Whether the addresses changed.
+    pub fn connected(&mut self, peer: PeerId, addr: Option<&str>) -> bool {
+        let changed = addr.is_some_and(|a| self.learn(peer, a, Source::Connected));
         if !self.peers.contains_key(&peer) && self.peers.len() < self.config.peers_max {
             self.peers.insert(peer, Entry::default());
         }
@@ -163,6 +163,7 @@ impl Book {
             e.failures = 0;
             e.dialling = false;
         }
+        changed
     }
 
     /// Every connection to `peer` closed: a redial is due after the shortest backoff.
@@ -434,8 +435,10 @@ mod tests {
     #[test]
     fn saved_book_round_trips() {
         let mut b = Book::new(Config::default());
-        b.learn(peer(1), "/ip4/10.0.0.1/udp/1/quic-v1", Source::Config);
-        b.learn(peer(1), "/ip4/10.0.0.2/udp/1/quic-v1", Source::Connected);
+        assert!(b.learn(peer(1), "/ip4/10.0.0.1/udp/1/quic-v1", Source::Config));
+        assert!(!b.learn(peer(1), "/ip4/10.0.0.1/udp/1/quic-v1", Source::Committed), "known");
+        assert!(b.learn(peer(1), "/ip4/10.0.0.2/udp/1/quic-v1", Source::Connected));
+        assert!(!b.learn(peer(1), "/ip4/10.0.0.2/udp/1/quic-v1", Source::Reported), "first");
         b.learn(peer(2), "/dns4/b.example/udp/4001/quic-v1", Source::Reported);
         let mut back = Book::new(Config::default());
         assert_eq!(back.load(&b.encode()), Ok(2));

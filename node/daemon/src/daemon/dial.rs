@@ -16,8 +16,9 @@ use crate::net;
 /// Largest saved book read back (a corrupt or planted file cannot make start-up allocate
 /// more).
 const BOOK_BYTES_MAX: u64 = 4 << 20;
-/// Saved at most this often while it changes.
-const SAVE_EVERY: Duration = Duration::from_secs(5);
+/// Saved at most this often while it changes (a node killed soon after it learned its
+/// peers should still find them).
+const SAVE_EVERY: Duration = Duration::from_secs(1);
 
 /// An address as the book keeps it: without the `/p2p/PEER` suffix.
 pub(super) fn addr_text(addr: &Multiaddr) -> String {
@@ -85,8 +86,9 @@ impl Daemon {
         if peer == self.me {
             return;
         }
-        self.book.learn(net::core_peer(&peer), &addr_text(addr), source);
-        self.book_dirty = true;
+        if self.book.learn(net::core_peer(&peer), &addr_text(addr), source) {
+            self.book_dirty = true;
+        }
     }
 
     /// Carries out the dials the book says are due.
@@ -123,7 +125,7 @@ impl Daemon {
             Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {
                 // Already dialling: the swarm's event answers the book.
                 if self.swarm.is_connected(&peer) {
-                    self.book.connected(d.peer, None);
+                    let _ = self.book.connected(d.peer, None);
                 }
             }
             Err(e) => {

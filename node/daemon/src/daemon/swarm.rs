@@ -33,8 +33,9 @@ impl Daemon {
                 // An address we dialled works; an inbound one is the peer's source port.
                 let dialled =
                     endpoint.is_dialer().then(|| dial::addr_text(endpoint.get_remote_address()));
-                self.book.connected(net::core_peer(&peer_id), dialled.as_deref());
-                self.book_dirty = true;
+                if self.book.connected(net::core_peer(&peer_id), dialled.as_deref()) {
+                    self.book_dirty = true;
+                }
                 self.connected.entry(peer_id).or_default().addrs =
                     vec![endpoint.get_remote_address().to_string()];
                 self.metrics.peers_connected.set(self.connected.len() as i64);

@@ -2006,20 +2006,7 @@ impl World {
             return;
         }
         let alive_ms = 3 * self.sc.announce_period.0;
-        let pins: Vec<PinSpec> = view
-            .pins
-            .values()
-            .map(|p| PinSpec {
-                root: p.root.clone(),
-                replicas_min: p.replicas_min,
-                replicas_max: p.replicas_max,
-                zones: p.zones.clone(),
-                tags: p.tags.clone(),
-                preposition: p.preposition.clone(),
-                deadline_ms: p.deadline_ms,
-                size_bytes: 0,
-            })
-            .collect();
+        let pins: Vec<PinSpec> = mycel_core::replicate::pin_specs(view, &|_| 0);
         let roots: Vec<Cid> = view.pins.keys().filter_map(|r| Cid::from_bytes(r).ok()).collect();
         let mut holdings: BTreeMap<PeerId, BTreeMap<Vec<u8>, Held>> = BTreeMap::new();
         for r in &roots {
@@ -2753,16 +2740,7 @@ impl World {
             .values()
             .filter(|p| Cid::from_bytes(&p.root).is_ok_and(|c| self.acked_pins.contains(&c)))
             .filter(|p| only.is_none_or(|o| o.to_bytes()[..] == p.root[..]))
-            .map(|p| PinSpec {
-                root: p.root.clone(),
-                replicas_min: p.replicas_min,
-                replicas_max: p.replicas_max,
-                zones: p.zones.clone(),
-                tags: p.tags.clone(),
-                preposition: p.preposition.clone(),
-                deadline_ms: p.deadline_ms,
-                size_bytes: 0,
-            })
+            .map(|p| mycel_core::replicate::pin_spec(p, 0))
             .collect();
         let nodes: Vec<NodeState> = state
             .members
@@ -2860,8 +2838,8 @@ impl World {
                     now,
                     "safety:acknowledged-lost",
                     format!(
-                        "proposal ({}, {seq}) acknowledged but never applied",
-                        String::from_utf8_lossy(from)
+                        "proposal ({:?}, {seq}) acknowledged but never applied",
+                        PeerId::from_bytes(from)
                     ),
                 );
             }

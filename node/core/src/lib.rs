@@ -6,6 +6,7 @@
 //! - [`cluster`]: the frames of `/mycel/cluster/1` and the cluster client: proposals
 //!   proposed locally or forwarded to the leader, redirected, retried, deduplicated by the
 //!   state machine, and answered once applied; a manager's checks on proposals it receives.
+//! - [`replicate`]: the replication worker's inputs (pins in the plan's shape).
 //! - [`addrs`]: the address book: which addresses a node knows for each member, learned
 //!   from every source (configuration, identify, connections, the committed member list),
 //!   kept across restarts, and when to dial each one again (backoff per peer).
@@ -20,5 +21,6 @@ pub mod addrs;
 #[cfg(feature = "sim-bugs")]
 pub mod bugs;
 pub mod cluster;
+pub mod replicate;
 
 pub use mycel_base::{PeerId, Timestamp};

@@ -10,7 +10,7 @@ use mycel_chunker::Cid;
 use mycel_consensus::command::{Pin, Role};
 use mycel_consensus::state::ClusterState;
 use mycel_policy::placement::Candidate;
-use mycel_policy::plan::{Held, NodeState, PinSpec, Settings};
+use mycel_policy::plan::{Held, NodeState, Settings};
 use mycel_proto::Timestamp;
 use mycel_proto::announce::Directory;
 
@@ -36,26 +36,7 @@ pub fn pin_cid(p: &Pin) -> Option<Cid> {
     Cid::from_bytes(&p.root).ok()
 }
 
-/// The pins in the shape the plan wants, with sizes where known.
-pub fn pin_specs(state: &ClusterState, size_of: &dyn Fn(&Cid) -> u64) -> Vec<PinSpec> {
-    state
-        .pins
-        .values()
-        .filter_map(|p| {
-            let cid = pin_cid(p)?;
-            Some(PinSpec {
-                root: p.root.clone(),
-                replicas_min: p.replicas_min,
-                replicas_max: p.replicas_max,
-                zones: p.zones.clone(),
-                tags: p.tags.clone(),
-                preposition: p.preposition.clone(),
-                deadline_ms: p.deadline_ms,
-                size_bytes: size_of(&cid),
-            })
-        })
-        .collect()
-}
+pub use mycel_core::replicate::pin_specs;
 
 /// Every committed member as observed: alive if its announcements arrived within `alive_ms`;
 /// holdings of the pinned roots from the directory (and, for this node, from the store).

@@ -208,6 +208,17 @@ impl Daemon {
         self.drain_client();
     }
 
+    /// The committed managers this node is connected to (itself excluded).
+    pub(super) fn connected_managers(&self) -> Vec<PeerId> {
+        self.cluster_state()
+            .members
+            .values()
+            .filter(|m| m.role == Role::Manager)
+            .filter_map(|m| PeerId::from_bytes(&m.peer).ok())
+            .filter(|p| *p != self.me && self.connected.contains_key(p))
+            .collect()
+    }
+
     /// Whom proposals and follow requests can go to now.
     pub(super) fn targets(&self) -> Targets {
         let me = net::core_peer(&self.me);
@@ -215,14 +226,7 @@ impl Daemon {
         let leader =
             self.core.as_ref().and_then(|core| Targets::leader_in(state, core.leader(), &me));
         let connected = |p: &&PeerId| **p != self.me && self.connected.contains_key(p);
-        let managers = state
-            .members
-            .values()
-            .filter(|m| m.role == Role::Manager)
-            .filter_map(|m| PeerId::from_bytes(&m.peer).ok())
-            .filter(|p| connected(&p))
-            .map(|p| net::core_peer(&p))
-            .collect();
+        let managers = self.connected_managers().iter().map(net::core_peer).collect();
         let bootstrap =
             self.bootstrap.iter().map(|(p, _)| p).filter(connected).map(net::core_peer).collect();
         Targets { leader, managers, bootstrap }
@@ -552,25 +556,12 @@ impl Daemon {
         // manager (a dead one whose connection has not timed out yet must not stall them),
         // and keep the newest answer.
         if self.core.is_none() && (self.in_cluster() || self.joining.is_some()) {
-            let mut targets: Vec<PeerId> = self
-                .cluster_state()
-                .members
-                .values()
-                .filter(|m| m.role == Role::Manager)
-                .filter_map(|m| PeerId::from_bytes(&m.peer).ok())
-                .filter(|p| *p != self.me && self.connected.contains_key(p))
-                .collect();
             // Knowing no manager yet: every connected bootstrap peer (one that has not caught
             // up on this node's join ignores the request, and asking only the first one could
-            // wait on it for as long as it lags).
-            if targets.is_empty() {
-                targets = self
-                    .bootstrap
-                    .iter()
-                    .map(|(p, _)| *p)
-                    .filter(|p| *p != self.me && self.connected.contains_key(p))
-                    .collect();
-            }
+            // wait on it for as long as it lags); else whoever a proposal would go to.
+            let all = self.targets();
+            let asked = if all.managers.is_empty() { &all.bootstrap } else { &all.managers };
+            let mut targets: Vec<PeerId> = asked.iter().filter_map(net::libp2p_peer).collect();
             if targets.is_empty()
                 && let Some(t) = self.proposal_target()
             {

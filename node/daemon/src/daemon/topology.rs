@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use mycel_chunker::Cid;
-use mycel_consensus::command::{Command as CCommand, Role};
+use mycel_consensus::command::Command as CCommand;
 use mycel_consensus::state::{ClusterState, Outcome};
 use mycel_consensus::topology::{
     self as rules, Decider, HookResult, Observation, Target, VersionState,
@@ -605,15 +605,7 @@ impl Daemon {
         if reports.is_empty() {
             return;
         }
-        let managers: Vec<PeerId> = self
-            .cluster_state()
-            .members
-            .values()
-            .filter(|m| m.role == Role::Manager)
-            .filter_map(|m| PeerId::from_bytes(&m.peer).ok())
-            .filter(|p| *p != self.me && self.connected.contains_key(p))
-            .collect();
-        for m in managers {
+        for m in self.connected_managers() {
             let link = self.clink(m);
             link.send(ClusterFrame::TopologyReport { reports: reports.clone() });
         }

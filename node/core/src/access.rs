@@ -27,6 +27,8 @@ use mycel_policy::access::{self, DEFAULT_NAMESPACE, Permission, Subject};
 pub const TREE_NODES_MAX: usize = 1 << 20;
 /// Roots whose manifest sets are remembered.
 const TREES_MAX: usize = 64;
+/// Read decisions remembered per configuration (the exchange asks once per block served).
+const ANSWERS_MAX: usize = 65_536;
 
 /// Why a block is not served; its text is the reason sent to the peer.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -98,11 +100,22 @@ pub fn check_read(
     root: &Cid,
     local: Option<&str>,
 ) -> Result<(), Refusal> {
+    check_read_by(state, who, root, local, |ns| may_read_namespace(state, who, ns))
+}
+
+/// [`check_read`] with the namespace decision made by `allowed`.
+fn check_read_by(
+    state: &ClusterState,
+    who: &PeerId,
+    root: &Cid,
+    local: Option<&str>,
+    allowed: impl FnOnce(&str) -> bool,
+) -> Result<(), Refusal> {
     if !state.members.contains_key(who.as_bytes()) {
         return Err(Refusal::NotMember);
     }
     let ns = namespace(state, root, local);
-    if may_read_namespace(state, who, ns) { Ok(()) } else { Err(Refusal::NoReadGrant(ns.into())) }
+    if allowed(ns) { Ok(()) } else { Err(Refusal::NoReadGrant(ns.into())) }
 }
 
 /// Stored blocks, as the tree check reads them: the daemon's store, the simulator's disk.
@@ -172,12 +185,14 @@ pub struct Access {
     enabled: bool,
     state: ClusterState,
     trees: Trees,
+    /// Read decisions under this configuration, by (member, namespace).
+    answers: Mutex<BTreeMap<(PeerId, String), bool>>,
 }
 
 impl Access {
     /// The view of a committed state; `enabled` is false outside a cluster.
     pub fn new(state: ClusterState, enabled: bool) -> Access {
-        Access { enabled, state, trees: Trees::default() }
+        Access { enabled, state, trees: Trees::default(), answers: Mutex::default() }
     }
 
     /// The namespace `root` is served under ([`namespace`]).
@@ -193,12 +208,26 @@ impl Access {
         if !self.enabled {
             return Ok(());
         }
-        check_read(&self.state, peer, root, local)
+        check_read_by(&self.state, peer, root, local, |ns| self.may_read_namespace(peer, ns))
     }
 
-    /// Whether `peer` may read namespace `ns` (true outside a cluster).
+    /// Whether `peer` may read namespace `ns` (true outside a cluster); remembered per
+    /// configuration, since serving asks before every block.
     pub fn may_read_namespace(&self, peer: &PeerId, ns: &str) -> bool {
-        !self.enabled || may_read_namespace(&self.state, peer, ns)
+        if !self.enabled {
+            return true;
+        }
+        let key = (*peer, ns.to_owned());
+        if let Some(ok) = self.answers.lock().expect("answers lock").get(&key) {
+            return *ok;
+        }
+        let ok = may_read_namespace(&self.state, peer, ns);
+        let mut answers = self.answers.lock().expect("answers lock");
+        if answers.len() >= ANSWERS_MAX {
+            answers.clear();
+        }
+        answers.insert(key, ok);
+        ok
     }
 
     /// Whether block `cid`, asked for under `root`, may be served as part of it.
@@ -264,6 +293,13 @@ mod tests {
         });
         assert_eq!(check_read(&state, &edge, &root, Some("maps")), Ok(()));
         assert!(check_read(&state, &other, &root, Some("maps")).is_err());
+        // The remembered answers of a configuration's view are the same, asked twice.
+        let view = Access::new(state.clone(), true);
+        for _ in 0..2 {
+            assert_eq!(view.may_read(&edge, &root, Some("maps")), Ok(()));
+            assert!(view.may_read(&other, &root, Some("maps")).is_err());
+            assert_eq!(view.may_read(&stranger, &root, None), Err(Refusal::NotMember));
+        }
         let pin = Pin {
             root: root.to_bytes().to_vec(),
             name: "r".into(),

@@ -9,8 +9,6 @@
 //! managers hold `admin` on every namespace, and every member may `read` the namespace
 //! [`DEFAULT_NAMESPACE`]. Any other namespace is closed until granted.
 
-use std::collections::BTreeMap;
-
 /// The namespace of content nobody placed elsewhere; every member may read it.
 pub const DEFAULT_NAMESPACE: &str = "default";
 /// Longest namespace name.
@@ -146,35 +144,6 @@ pub fn allowed<'a>(
     })
 }
 
-/// Decisions for many checks against one configuration: the exchange asks once per block,
-/// so answers are remembered per (member, namespace) until the configuration changes.
-#[derive(Debug, Default)]
-pub struct AccessCache {
-    version: u64,
-    answers: BTreeMap<(String, String, Permission), bool>,
-}
-
-/// Most remembered answers before the cache starts over.
-const CACHE_ENTRIES_MAX: usize = 65_536;
-
-impl AccessCache {
-    /// Answers from the cache for configuration `version`, computing with `decide` on a miss.
-    pub fn check(
-        &mut self,
-        version: u64,
-        peer: &str,
-        namespace: &str,
-        needed: Permission,
-        decide: impl FnOnce() -> bool,
-    ) -> bool {
-        if version != self.version || self.answers.len() >= CACHE_ENTRIES_MAX {
-            self.answers.clear();
-            self.version = version;
-        }
-        *self.answers.entry((peer.to_owned(), namespace.to_owned(), needed)).or_insert_with(decide)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,13 +192,5 @@ mod tests {
         assert!(validate_grant("zone:eu", "write", "maps").is_err());
         assert!(validate_grant("zone:eu", "read", "Maps").is_err());
         assert!(validate_grant("zone:eu", "read", "").is_err());
-    }
-
-    #[test]
-    fn cache_forgets_on_a_new_configuration() {
-        let mut c = AccessCache::default();
-        assert!(c.check(1, "Qa", "ns", Permission::Read, || true));
-        assert!(c.check(1, "Qa", "ns", Permission::Read, || false), "remembered");
-        assert!(!c.check(2, "Qa", "ns", Permission::Read, || false), "recomputed");
     }
 }
